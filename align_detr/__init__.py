@@ -1,0 +1,6 @@
+"""align-detr: Align-DETR and SD-DETR on a DINO-style deformable DETR, for detectron2."""
+
+from . import _ext  # loads align_detr._C and registers fake kernels / autograd
+from . import layers  # noqa: F401
+
+__version__ = "0.1.0"

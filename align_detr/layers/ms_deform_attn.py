@@ -1,0 +1,184 @@
+"""Multi-scale deformable attention (Deformable DETR, Zhu et al. 2021) on our compiled op.
+
+``ms_deform_attn`` is the differentiable functional form of ``torch.ops.align_detr.
+ms_deform_attn_forward`` (CPU and CUDA kernels in csrc/ms_deform_attn); ``MSDeformAttn`` is the
+attention module with its sampling-offset, attention-weight, value and output projections.
+"""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from align_detr import _ext
+
+
+def ms_deform_attn(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Bilinearly samples every level at the given locations and sums them with the weights.
+
+    Args:
+        value: (N, S, M, D) per-head values of all levels, flattened level by level in row-major
+            (h, w) order; S = sum(H_l * W_l).
+        spatial_shapes: (L, 2) int64, (H_l, W_l) of each level.
+        level_start_index: (L,) int64, first row of each level in S (exclusive cumsum).
+        sampling_locations: (N, Lq, M, L, P, 2) normalised (x, y); 0..1 covers the map, pixel
+            x = loc_x * W - 0.5 (grid_sample with align_corners=False, zero padding).
+        attention_weights: (N, Lq, M, L, P), already normalised by the caller.
+
+    Returns:
+        (N, Lq, M * D), differentiable in value, sampling_locations and attention_weights.
+        Mixed floating dtypes (e.g. fp16 value under autocast) are promoted to the widest one.
+    """
+    dtype = torch.promote_types(
+        value.dtype, torch.promote_types(sampling_locations.dtype, attention_weights.dtype)
+    )
+    return _ext.ops().ms_deform_attn_forward(
+        value.to(dtype),
+        spatial_shapes,
+        level_start_index,
+        sampling_locations.to(dtype),
+        attention_weights.to(dtype),
+    )
+
+
+def ms_deform_attn_grid_sample(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """The usual pure-PyTorch formulation (one ``F.grid_sample`` per level); same contract.
+
+    Kept as the speed baseline for benchmarks/ms_deform_attn.py.
+    """
+    n, _, m, d = value.shape
+    _, lq, _, levels, points, _ = sampling_locations.shape
+    sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
+    grids = 2 * sampling_locations - 1
+    sampled = []
+    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        # (N, H*W, M, D) -> (N*M, D, H, W)
+        v = value.split(sizes, dim=1)[lvl].flatten(2).transpose(1, 2).reshape(n * m, d, h, w)
+        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (N*M, Lq, P, 2)
+        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
+    weights = attention_weights.transpose(1, 2).reshape(n * m, 1, lq, levels * points)
+    out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)  # (N*M, D, Lq)
+    return out.view(n, m * d, lq).transpose(1, 2).contiguous()
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention module.
+
+    Each query predicts, per head, level and point, an offset around its reference point and an
+    attention weight (softmax over levels x points), then reads the value maps there.
+    """
+
+    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
+        """
+        Args:
+            d_model: channels of queries, values and output.
+            n_levels: number of feature levels L.
+            n_heads: attention heads M; d_model must be divisible by it.
+            n_points: sampling points P per head and level.
+        """
+        super().__init__()
+        if d_model % n_heads != 0:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        for name, v in (("n_levels", n_levels), ("n_heads", n_heads), ("n_points", n_points)):
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        self.d_model = d_model
+        self.n_levels = n_levels
+        self.n_heads = n_heads
+        self.n_points = n_points
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Deformable-DETR initialisation: the offsets start on a ring of M directions, point i
+        at radius i + 1 pixels; attention starts uniform; projections are Xavier-uniform."""
+        nn.init.zeros_(self.sampling_offsets.weight)
+        angles = torch.arange(self.n_heads, dtype=torch.float64) * (2.0 * math.pi / self.n_heads)
+        grid = torch.stack([angles.cos(), angles.sin()], -1)
+        grid = grid / grid.abs().max(-1, keepdim=True)[0]  # onto the unit square
+        grid = grid.view(self.n_heads, 1, 1, 2).repeat(1, self.n_levels, self.n_points, 1)
+        grid = grid * torch.arange(1, self.n_points + 1, dtype=torch.float64).view(1, 1, -1, 1)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.flatten().float())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.zeros_(self.value_proj.bias)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.zeros_(self.output_proj.bias)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        reference_points: torch.Tensor,
+        input_flatten: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+        input_padding_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            query: (N, Lq, C).
+            reference_points: (N, Lq, L, 2) normalised (x, y) points, or (N, Lq, L, 4) boxes
+                (cx, cy, w, h); with boxes the offsets are scaled by half the box size / P.
+            input_flatten: (N, S, C) the flattened levels.
+            spatial_shapes: (L, 2) int64 (H_l, W_l).
+            level_start_index: (L,) int64.
+            input_padding_mask: optional (N, S) bool, True on padding; those values are zeroed.
+
+        Returns:
+            (N, Lq, C).
+        """
+        n, lq, _ = query.shape
+        _, s, _ = input_flatten.shape
+        m, lv, p = self.n_heads, self.n_levels, self.n_points
+        if spatial_shapes.shape[0] != lv:
+            raise ValueError(f"expected {lv} levels, got spatial_shapes {tuple(spatial_shapes.shape)}")
+        value = self.value_proj(input_flatten)
+        if input_padding_mask is not None:
+            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+        value = value.view(n, s, m, self.d_model // m)
+        offsets = self.sampling_offsets(query).view(n, lq, m, lv, p, 2)
+        weights = self.attention_weights(query).view(n, lq, m, lv * p)
+        weights = weights.softmax(-1).view(n, lq, m, lv, p)
+        if reference_points.shape[-1] == 2:
+            # offsets are in pixels of each level: normalise by (W, H)
+            normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)
+            locations = (
+                reference_points[:, :, None, :, None, :]
+                + offsets / normalizer[None, None, None, :, None, :].to(offsets.dtype)
+            )
+        elif reference_points.shape[-1] == 4:
+            locations = (
+                reference_points[:, :, None, :, None, :2]
+                + offsets / p * reference_points[:, :, None, :, None, 2:] * 0.5
+            )
+        else:
+            raise ValueError(
+                "reference_points must end in 2 (points) or 4 (boxes), got "
+                f"{tuple(reference_points.shape)}"
+            )
+        out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
+        return self.output_proj(out)
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, n_levels={self.n_levels}, n_heads={self.n_heads}, "
+            f"n_points={self.n_points}"
+        )

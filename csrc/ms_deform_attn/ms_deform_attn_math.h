@@ -1,0 +1,92 @@
+// Per-element math of multi-scale deformable attention, written once and used by both the CPU
+// launcher (ms_deform_attn_cpu.cpp) and the CUDA kernels (ms_deform_attn_cuda.cu), so the CPU
+// tests check exactly the arithmetic the GPU runs.
+//
+// Sampling convention = grid_sample(align_corners=False, padding_mode="zeros"):
+//   pixel x = loc_x * W - 0.5, pixel y = loc_y * H - 0.5; a sample with x <= -1, y <= -1, x >= W
+//   or y >= H (or NaN) contributes nothing at all; a corner outside the map reads as zero.
+#pragma once
+
+#include <cstdint>
+
+#include "../common.h"
+
+namespace align_detr {
+namespace msda {
+
+// Corner order used everywhere: 0 = (y0, x0), 1 = (y0, x1), 2 = (y1, x0), 3 = (y1, x1).
+template <typename acc_t>
+struct Bilinear {
+  int64_t pixel[4];  // h * W + w of each corner inside the level, or -1 when outside the map
+  acc_t weight[4];   // bilinear weight of each corner (0 for corners outside the map)
+  acc_t lx, ly;      // fractional offsets from (x0, y0); hx = 1 - lx, hy = 1 - ly
+};
+
+// Sets up the bilinear sample at normalised (loc_x, loc_y) on an H x W map.
+// Returns false when the sample lies wholly outside the map (or is NaN): it then contributes no
+// output and receives no gradient, matching the reference CUDA kernel's strict test.
+template <typename acc_t>
+ALIGN_DETR_HD bool bilinear_setup(acc_t loc_x, acc_t loc_y, int64_t H, int64_t W,
+                                  Bilinear<acc_t>& s) {
+  const acc_t x = loc_x * static_cast<acc_t>(W) - acc_t(0.5);
+  const acc_t y = loc_y * static_cast<acc_t>(H) - acc_t(0.5);
+  // Written so that NaN fails the test; the bounds also keep the casts below in range.
+  if (!(x > acc_t(-1) && y > acc_t(-1) && x < static_cast<acc_t>(W) &&
+        y < static_cast<acc_t>(H))) {
+    return false;
+  }
+  const acc_t xf = floor_hd(x);
+  const acc_t yf = floor_hd(y);
+  const int64_t x0 = static_cast<int64_t>(xf);
+  const int64_t y0 = static_cast<int64_t>(yf);
+  const int64_t x1 = x0 + 1;
+  const int64_t y1 = y0 + 1;
+  s.lx = x - xf;
+  s.ly = y - yf;
+  const acc_t hx = acc_t(1) - s.lx;
+  const acc_t hy = acc_t(1) - s.ly;
+  const bool in_x0 = x0 >= 0, in_x1 = x1 <= W - 1;
+  const bool in_y0 = y0 >= 0, in_y1 = y1 <= H - 1;
+  s.pixel[0] = (in_y0 && in_x0) ? y0 * W + x0 : -1;
+  s.pixel[1] = (in_y0 && in_x1) ? y0 * W + x1 : -1;
+  s.pixel[2] = (in_y1 && in_x0) ? y1 * W + x0 : -1;
+  s.pixel[3] = (in_y1 && in_x1) ? y1 * W + x1 : -1;
+  s.weight[0] = s.pixel[0] >= 0 ? hy * hx : acc_t(0);
+  s.weight[1] = s.pixel[1] >= 0 ? hy * s.lx : acc_t(0);
+  s.weight[2] = s.pixel[2] >= 0 ? s.ly * hx : acc_t(0);
+  s.weight[3] = s.pixel[3] >= 0 ? s.ly * s.lx : acc_t(0);
+  return true;
+}
+
+// Interpolated value of one channel from its four corner values (0 for corners outside).
+template <typename acc_t>
+ALIGN_DETR_HD acc_t bilinear_value(const Bilinear<acc_t>& s, acc_t v0, acc_t v1, acc_t v2,
+                                   acc_t v3) {
+  return s.weight[0] * v0 + s.weight[1] * v1 + s.weight[2] * v2 + s.weight[3] * v3;
+}
+
+// Folds the attention weight of a sample into its corner weights (done once per sample, so the
+// per-channel loop is four multiply-adds).
+template <typename acc_t>
+ALIGN_DETR_HD Bilinear<acc_t> scale_weights(Bilinear<acc_t> s, acc_t attention) {
+  for (int c = 0; c < 4; ++c) s.weight[c] *= attention;
+  return s;
+}
+
+// Backward of one channel of one sample. With g = d(loss)/d(out) for this channel:
+//   grad_attn += g * value, grad_x += g * d(value)/dx, grad_y += g * d(value)/dy
+// (x, y in pixels; the caller scales by attention * W or H). The value gradient of corner c is
+// attention * weight[c] * g and is scattered by the caller.
+template <typename acc_t>
+ALIGN_DETR_HD void bilinear_backward(const Bilinear<acc_t>& s, acc_t v0, acc_t v1, acc_t v2,
+                                     acc_t v3, acc_t g, acc_t& grad_attn, acc_t& grad_x,
+                                     acc_t& grad_y) {
+  const acc_t hx = acc_t(1) - s.lx;
+  const acc_t hy = acc_t(1) - s.ly;
+  grad_attn += g * bilinear_value(s, v0, v1, v2, v3);
+  grad_x += g * (hy * (v1 - v0) + s.ly * (v3 - v2));
+  grad_y += g * (hx * (v2 - v0) + s.lx * (v3 - v1));
+}
+
+}  // namespace msda
+}  // namespace align_detr
