@@ -25,6 +25,7 @@ setup: ext
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -U pip  # pip 23 cannot do editable installs with setuptools>=80
 
 # Heavy, rarely-changing dependencies: redone only when this Makefile changes.
 $(STAMP): Makefile | $(PY)
