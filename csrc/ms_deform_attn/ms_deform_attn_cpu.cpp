@@ -42,45 +42,84 @@ struct Args {
   const scalar_t* attn;    // (N, Lq, M, L, P)
   const scalar_t* grad_out;  // (N, Lq, M, D), backward only
   MSDeformAttnSizes sz;
+  // Element strides of value (and grad_value): (N, S, M, D) as given, or (N, M, S, D) when the
+  // launcher transposed it so that the pixels of one head are contiguous.
+  int64_t batch_stride, pixel_stride, head_stride;
 };
 
-// Forward of rows [begin, end) of the (n, m, q) enumeration into out (N, Lq, M, D).
+// Strides for value laid out (N, S, M, D) (head_major = false) or (N, M, S, D).
 template <typename scalar_t>
+void set_value_layout(Args<scalar_t>& a, bool head_major) {
+  const MSDeformAttnSizes& sz = a.sz;
+  a.batch_stride = sz.S * sz.M * sz.D;
+  a.pixel_stride = head_major ? sz.D : sz.M * sz.D;
+  a.head_stride = head_major ? sz.S * sz.D : sz.D;
+}
+
+// The four corner rows of one sample; corners outside the map point at a row of zeros.
+template <typename scalar_t>
+struct Corners {
+  const scalar_t* r[4];
+};
+
+template <typename scalar_t, typename acc_t>
+ALIGN_DETR_ALWAYS_INLINE Corners<scalar_t> corner_rows(const Bilinear<acc_t>& s,
+                                                       const scalar_t* base, int64_t pixel_stride,
+                                                       int64_t W, const scalar_t* zero_row) {
+  Corners<scalar_t> c;
+  if (s.interior) {  // the common case: no per-corner selects
+    c.r[0] = base + s.pixel[0] * pixel_stride;
+    c.r[1] = c.r[0] + pixel_stride;
+    c.r[2] = c.r[0] + W * pixel_stride;
+    c.r[3] = c.r[2] + pixel_stride;
+  } else {
+    for (int j = 0; j < 4; ++j) {
+      c.r[j] = s.pixel[j] >= 0 ? base + s.pixel[j] * pixel_stride : zero_row;
+    }
+  }
+  return c;
+}
+
+// Channel counts with a compiled-in loop length (fully unrolled, accumulator in registers);
+// kAnyD is the generic runtime-length path.
+constexpr int kAnyD = 0;
+
+// Forward of rows [begin, end) of the (n, m, q) enumeration into out (N, Lq, M, D).
+template <typename scalar_t, int kD>
 ALIGN_DETR_ALWAYS_INLINE void forward_rows(const Args<scalar_t>& a, scalar_t* out, int64_t begin,
                                            int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const MSDeformAttnSizes& sz = a.sz;
-  const int64_t D = sz.D, M = sz.M, LP = sz.L * sz.P;
-  const int64_t pixel_stride = M * D;  // distance between neighbouring pixels of one head
-  std::vector<acc_t> acc_buf(D);
+  const int64_t D = kD != kAnyD ? kD : sz.D, M = sz.M, LP = sz.L * sz.P;
+  const int64_t pixel_stride = a.pixel_stride;  // distance between neighbouring pixels of a head
+  // A fixed-length accumulator is a local array the compiler keeps in vector registers.
+  acc_t acc_fixed[kD != kAnyD ? kD : 1];
+  std::vector<acc_t> acc_any(kD != kAnyD ? 0 : D);
+  acc_t* __restrict__ acc = kD != kAnyD ? acc_fixed : acc_any.data();
   const std::vector<scalar_t> zero_row(D, scalar_t(0));
-  acc_t* __restrict__ acc = acc_buf.data();
-  for (int64_t i = begin; i < end; ++i) {
-    const int64_t q = i % sz.Lq;
-    const int64_t m = (i / sz.Lq) % M;
-    const int64_t n = i / (sz.Lq * M);
+  // (n, m, q) of row `begin`, then advanced by counting instead of dividing per row
+  int64_t q = begin % sz.Lq, m = (begin / sz.Lq) % M, n = begin / (sz.Lq * M);
+  for (int64_t i = begin; i < end; ++i, ++q) {
+    if (q == sz.Lq) {
+      q = 0;
+      if (++m == M) m = 0, ++n;
+    }
     const int64_t row = (n * sz.Lq + q) * M + m;  // (n, q, m) row of loc, attn and out
     const scalar_t* loc = a.loc + row * LP * 2;
     const scalar_t* attn = a.attn + row * LP;
     for (int64_t d = 0; d < D; ++d) acc[d] = acc_t(0);
     for (int64_t l = 0; l < sz.L; ++l) {
       const int64_t H = a.shapes[2 * l], W = a.shapes[2 * l + 1];
-      const scalar_t* base = a.value + (n * sz.S + a.starts[l]) * pixel_stride + m * D;
+      const scalar_t* base =
+          a.value + n * a.batch_stride + m * a.head_stride + a.starts[l] * pixel_stride;
       for (int64_t p = 0; p < sz.P; ++p) {
         const int64_t k = l * sz.P + p;
         Bilinear<acc_t> s;
         if (!msda::bilinear_setup<acc_t>(loc[2 * k], loc[2 * k + 1], H, W, s)) continue;
         const Bilinear<acc_t> sw = msda::scale_weights<acc_t>(s, attn[k]);
-        const scalar_t* c[4];
-        for (int j = 0; j < 4; ++j) {
-          c[j] = s.pixel[j] >= 0 ? base + s.pixel[j] * pixel_stride : zero_row.data();
-        }
-        const scalar_t* c0 = c[0];
-        const scalar_t* c1 = c[1];
-        const scalar_t* c2 = c[2];
-        const scalar_t* c3 = c[3];
+        const Corners<scalar_t> c = corner_rows(s, base, pixel_stride, W, zero_row.data());
         for (int64_t d = 0; d < D; ++d) {
-          acc[d] += msda::bilinear_value<acc_t>(sw, c0[d], c1[d], c2[d], c3[d]);
+          acc[d] += msda::bilinear_value<acc_t>(sw, c.r[0][d], c.r[1][d], c.r[2][d], c.r[3][d]);
         }
       }
     }
@@ -91,22 +130,23 @@ ALIGN_DETR_ALWAYS_INLINE void forward_rows(const Args<scalar_t>& a, scalar_t* ou
 
 // Backward of tasks [begin, end) of the (n, m, level) enumeration. grad_value is accumulated
 // in acc_t (it is grad_value itself for float and double).
-template <typename scalar_t>
+template <typename scalar_t, int kD>
 ALIGN_DETR_ALWAYS_INLINE void backward_tasks(const Args<scalar_t>& a,
                                              at::opmath_type<scalar_t>* grad_value,
                                              scalar_t* grad_loc, scalar_t* grad_attn,
                                              int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const MSDeformAttnSizes& sz = a.sz;
-  const int64_t D = sz.D, M = sz.M, L = sz.L, P = sz.P, LP = L * P;
-  const int64_t pixel_stride = M * D;
+  const int64_t D = kD != kAnyD ? kD : sz.D, M = sz.M, L = sz.L, P = sz.P, LP = L * P;
+  const int64_t pixel_stride = a.pixel_stride;
   const std::vector<scalar_t> zero_row(D, scalar_t(0));
   for (int64_t t = begin; t < end; ++t) {
     const int64_t l = t % L;
     const int64_t m = (t / L) % M;
     const int64_t n = t / (L * M);
     const int64_t H = a.shapes[2 * l], W = a.shapes[2 * l + 1];
-    const int64_t level_offset = (n * sz.S + a.starts[l]) * pixel_stride + m * D;
+    const int64_t level_offset =
+        n * a.batch_stride + m * a.head_stride + a.starts[l] * pixel_stride;
     const scalar_t* base = a.value + level_offset;
     acc_t* grad_base = grad_value + level_offset;
     for (int64_t q = 0; q < sz.Lq; ++q) {
@@ -120,14 +160,11 @@ ALIGN_DETR_ALWAYS_INLINE void backward_tasks(const Args<scalar_t>& a,
           continue;
         }
         const acc_t w = a.attn[k];
-        const scalar_t* c[4];
-        for (int j = 0; j < 4; ++j) {
-          c[j] = s.pixel[j] >= 0 ? base + s.pixel[j] * pixel_stride : zero_row.data();
-        }
-        const scalar_t* c0 = c[0];
-        const scalar_t* c1 = c[1];
-        const scalar_t* c2 = c[2];
-        const scalar_t* c3 = c[3];
+        const Corners<scalar_t> c = corner_rows(s, base, pixel_stride, W, zero_row.data());
+        const scalar_t* c0 = c.r[0];
+        const scalar_t* c1 = c.r[1];
+        const scalar_t* c2 = c.r[2];
+        const scalar_t* c3 = c.r[3];
         acc_t ga = 0, gx = 0, gy = 0;
 #pragma omp simd reduction(+ : ga, gx, gy)
         for (int64_t d = 0; d < D; ++d) {
@@ -178,47 +215,80 @@ Isa pick_isa() {
 #define ALIGN_DETR_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #define ALIGN_DETR_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx2,fma")))
 
-template <typename scalar_t>
+template <typename scalar_t, int kD>
 ALIGN_DETR_TARGET_AVX2 void forward_rows_avx2(const Args<scalar_t>& a, scalar_t* out, int64_t b,
                                               int64_t e) {
-  forward_rows<scalar_t>(a, out, b, e);
+  forward_rows<scalar_t, kD>(a, out, b, e);
 }
-template <typename scalar_t>
+template <typename scalar_t, int kD>
 ALIGN_DETR_TARGET_AVX512 void forward_rows_avx512(const Args<scalar_t>& a, scalar_t* out,
                                                   int64_t b, int64_t e) {
-  forward_rows<scalar_t>(a, out, b, e);
+  forward_rows<scalar_t, kD>(a, out, b, e);
 }
-template <typename scalar_t>
+template <typename scalar_t, int kD>
 ALIGN_DETR_TARGET_AVX2 void backward_tasks_avx2(const Args<scalar_t>& a,
                                                 at::opmath_type<scalar_t>* gv, scalar_t* gl,
                                                 scalar_t* ga, int64_t b, int64_t e) {
-  backward_tasks<scalar_t>(a, gv, gl, ga, b, e);
+  backward_tasks<scalar_t, kD>(a, gv, gl, ga, b, e);
 }
-template <typename scalar_t>
+template <typename scalar_t, int kD>
 ALIGN_DETR_TARGET_AVX512 void backward_tasks_avx512(const Args<scalar_t>& a,
                                                     at::opmath_type<scalar_t>* gv, scalar_t* gl,
                                                     scalar_t* ga, int64_t b, int64_t e) {
-  backward_tasks<scalar_t>(a, gv, gl, ga, b, e);
+  backward_tasks<scalar_t, kD>(a, gv, gl, ga, b, e);
 }
 #endif
 
+template <typename scalar_t, int kD>
+void run_forward_d(Isa isa, const Args<scalar_t>& a, scalar_t* out, int64_t b, int64_t e) {
+#ifdef ALIGN_DETR_X86_MULTIVERSION
+  if (isa == Isa::kAvx512) return forward_rows_avx512<scalar_t, kD>(a, out, b, e);
+  if (isa == Isa::kAvx2) return forward_rows_avx2<scalar_t, kD>(a, out, b, e);
+#endif
+  forward_rows<scalar_t, kD>(a, out, b, e);
+}
+
+template <typename scalar_t, int kD>
+void run_backward_d(Isa isa, const Args<scalar_t>& a, at::opmath_type<scalar_t>* gv,
+                    scalar_t* gl, scalar_t* ga, int64_t b, int64_t e) {
+#ifdef ALIGN_DETR_X86_MULTIVERSION
+  if (isa == Isa::kAvx512) return backward_tasks_avx512<scalar_t, kD>(a, gv, gl, ga, b, e);
+  if (isa == Isa::kAvx2) return backward_tasks_avx2<scalar_t, kD>(a, gv, gl, ga, b, e);
+#endif
+  backward_tasks<scalar_t, kD>(a, gv, gl, ga, b, e);
+}
+
+// Common head widths (d_model / n_heads) get a fixed-length channel loop; fp32 only, the dtype
+// that trains (the others take the generic path).
 template <typename scalar_t>
 void run_forward(Isa isa, const Args<scalar_t>& a, scalar_t* out, int64_t b, int64_t e) {
-#ifdef ALIGN_DETR_X86_MULTIVERSION
-  if (isa == Isa::kAvx512) return forward_rows_avx512<scalar_t>(a, out, b, e);
-  if (isa == Isa::kAvx2) return forward_rows_avx2<scalar_t>(a, out, b, e);
-#endif
-  forward_rows<scalar_t>(a, out, b, e);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (a.sz.D == 32) return run_forward_d<scalar_t, 32>(isa, a, out, b, e);
+    if (a.sz.D == 16) return run_forward_d<scalar_t, 16>(isa, a, out, b, e);
+    if (a.sz.D == 64) return run_forward_d<scalar_t, 64>(isa, a, out, b, e);
+  }
+  run_forward_d<scalar_t, kAnyD>(isa, a, out, b, e);
 }
 
 template <typename scalar_t>
 void run_backward(Isa isa, const Args<scalar_t>& a, at::opmath_type<scalar_t>* gv, scalar_t* gl,
                   scalar_t* ga, int64_t b, int64_t e) {
-#ifdef ALIGN_DETR_X86_MULTIVERSION
-  if (isa == Isa::kAvx512) return backward_tasks_avx512<scalar_t>(a, gv, gl, ga, b, e);
-  if (isa == Isa::kAvx2) return backward_tasks_avx2<scalar_t>(a, gv, gl, ga, b, e);
-#endif
-  backward_tasks<scalar_t>(a, gv, gl, ga, b, e);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (a.sz.D == 32) return run_backward_d<scalar_t, 32>(isa, a, gv, gl, ga, b, e);
+    if (a.sz.D == 16) return run_backward_d<scalar_t, 16>(isa, a, gv, gl, ga, b, e);
+    if (a.sz.D == 64) return run_backward_d<scalar_t, 64>(isa, a, gv, gl, ga, b, e);
+  }
+  run_backward_d<scalar_t, kAnyD>(isa, a, gv, gl, ga, b, e);
+}
+
+// Transposing value to (N, M, S, D) costs two passes over it but makes every head's pixels
+// contiguous (fewer cache lines and TLB pages per gather). It pays when each value row is
+// gathered several times, as in the encoder (Lq = S), not in the decoder (Lq << S).
+bool use_head_major(const MSDeformAttnSizes& sz) {
+  const char* env = std::getenv("ALIGN_DETR_MSDA_LAYOUT");
+  if (env != nullptr && std::strcmp(env, "as_given") == 0) return false;
+  if (env != nullptr && std::strcmp(env, "head_major") == 0) return sz.M > 1;
+  return sz.M > 1 && sz.Lq * sz.L * sz.P >= 2 * sz.S;
 }
 
 void check_cpu(const at::Tensor& value) {
@@ -241,12 +311,15 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
   at::Tensor out = at::empty({sz.N, sz.Lq, sz.M * sz.D}, value.options());
   if (out.numel() == 0) return out;
   const Isa isa = pick_isa();
+  const bool head_major = use_head_major(sz);
+  const at::Tensor vt = head_major ? v.permute({0, 2, 1, 3}).contiguous() : v;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
-        const Args<scalar_t> a{v.const_data_ptr<scalar_t>(),    shapes.const_data_ptr<int64_t>(),
-                               starts.const_data_ptr<int64_t>(), loc.const_data_ptr<scalar_t>(),
-                               attn.const_data_ptr<scalar_t>(),  nullptr,
-                               sz};
+        Args<scalar_t> a{vt.const_data_ptr<scalar_t>(),   shapes.const_data_ptr<int64_t>(),
+                         starts.const_data_ptr<int64_t>(), loc.const_data_ptr<scalar_t>(),
+                         attn.const_data_ptr<scalar_t>(),  nullptr,
+                         sz};
+        set_value_layout(a, head_major);
         scalar_t* o = out.data_ptr<scalar_t>();
         // One row is L * P samples of D channels; aim for chunks of a few thousand samples.
         const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, sz.L * sz.P));
@@ -276,24 +349,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     return {grad_value, grad_loc, grad_attn};
   }
   const Isa isa = pick_isa();
+  const bool head_major = use_head_major(sz);
+  const at::Tensor vt = head_major ? v.permute({0, 2, 1, 3}).contiguous() : v;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        const Args<scalar_t> a{v.const_data_ptr<scalar_t>(),    shapes.const_data_ptr<int64_t>(),
-                               starts.const_data_ptr<int64_t>(), loc.const_data_ptr<scalar_t>(),
-                               attn.const_data_ptr<scalar_t>(),  gout.const_data_ptr<scalar_t>(),
-                               sz};
-        // Reduced-precision grad_value accumulates in fp32 and is cast once at the end.
+        Args<scalar_t> a{vt.const_data_ptr<scalar_t>(),   shapes.const_data_ptr<int64_t>(),
+                         starts.const_data_ptr<int64_t>(), loc.const_data_ptr<scalar_t>(),
+                         attn.const_data_ptr<scalar_t>(),  gout.const_data_ptr<scalar_t>(),
+                         sz};
+        set_value_layout(a, head_major);
+        // grad_value is accumulated in vt's layout; reduced precision accumulates in fp32.
         constexpr bool same = std::is_same_v<acc_t, scalar_t>;
-        at::Tensor grad_acc = same ? grad_value : at::zeros(v.sizes(), v.options().dtype(
-                                                                          c10::CppTypeToScalarType<acc_t>::value));
+        at::Tensor grad_acc =
+            same && !head_major
+                ? grad_value
+                : at::zeros(vt.sizes(), v.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
         acc_t* gv = grad_acc.data_ptr<acc_t>();
         scalar_t* gl = grad_loc.data_ptr<scalar_t>();
         scalar_t* ga = grad_attn.data_ptr<scalar_t>();
         at::parallel_for(0, sz.N * sz.M * sz.L, 1, [&](int64_t b, int64_t e) {
           run_backward<scalar_t>(isa, a, gv, gl, ga, b, e);
         });
-        if (!same) grad_value.copy_(grad_acc);
+        if (head_major) {
+          grad_value.copy_(grad_acc.permute({0, 2, 1, 3}));
+        } else if (!same) {
+          grad_value.copy_(grad_acc);
+        }
       });
   return {grad_value, grad_loc, grad_attn};
 }

@@ -20,6 +20,7 @@ struct Bilinear {
   int64_t pixel[4];  // h * W + w of each corner inside the level, or -1 when outside the map
   acc_t weight[4];   // bilinear weight of each corner (0 for corners outside the map)
   acc_t lx, ly;      // fractional offsets from (x0, y0); hx = 1 - lx, hy = 1 - ly
+  bool interior;     // all four corners inside the map (pixel[c] = pixel[0] + {0, 1, W, W + 1})
 };
 
 // Sets up the bilinear sample at normalised (loc_x, loc_y) on an H x W map.
@@ -45,16 +46,18 @@ ALIGN_DETR_HD bool bilinear_setup(acc_t loc_x, acc_t loc_y, int64_t H, int64_t W
   s.ly = y - yf;
   const acc_t hx = acc_t(1) - s.lx;
   const acc_t hy = acc_t(1) - s.ly;
+  // Corner validity as 0/1 factors rather than branches: the CPU loop stays branch-light.
   const bool in_x0 = x0 >= 0, in_x1 = x1 <= W - 1;
   const bool in_y0 = y0 >= 0, in_y1 = y1 <= H - 1;
-  s.pixel[0] = (in_y0 && in_x0) ? y0 * W + x0 : -1;
-  s.pixel[1] = (in_y0 && in_x1) ? y0 * W + x1 : -1;
-  s.pixel[2] = (in_y1 && in_x0) ? y1 * W + x0 : -1;
-  s.pixel[3] = (in_y1 && in_x1) ? y1 * W + x1 : -1;
-  s.weight[0] = s.pixel[0] >= 0 ? hy * hx : acc_t(0);
-  s.weight[1] = s.pixel[1] >= 0 ? hy * s.lx : acc_t(0);
-  s.weight[2] = s.pixel[2] >= 0 ? s.ly * hx : acc_t(0);
-  s.weight[3] = s.pixel[3] >= 0 ? s.ly * s.lx : acc_t(0);
+  const bool in[4] = {in_y0 && in_x0, in_y0 && in_x1, in_y1 && in_x0, in_y1 && in_x1};
+  const int64_t row0 = y0 * W, row1 = row0 + W;
+  const int64_t pix[4] = {row0 + x0, row0 + x1, row1 + x0, row1 + x1};
+  const acc_t wgt[4] = {hy * hx, hy * s.lx, s.ly * hx, s.ly * s.lx};
+  s.interior = in_x0 && in_x1 && in_y0 && in_y1;
+  for (int c = 0; c < 4; ++c) {
+    s.pixel[c] = in[c] ? pix[c] : int64_t(-1);
+    s.weight[c] = wgt[c] * static_cast<acc_t>(in[c]);
+  }
   return true;
 }
 
