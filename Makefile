@@ -2,7 +2,6 @@
 #   make setup       venv + torch + detectron2 + deps + our compiled extension (idempotent)
 #   make test        setup, then the pytest suite (CPU, offline)
 #   make cuda-check  compile the CUDA sources into a scratch directory (no GPU needed)
-#   make bench       run the benchmarks in benchmarks/
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,7 +18,7 @@ D2_DEPS := Pillow matplotlib "pycocotools>=2.0.2" "termcolor>=1.1" "yacs>=0.1.8"
 	packaging fvcore iopath
 OUR_DEPS := "setuptools<81" ninja wheel scipy opencv-python-headless pytest
 
-.PHONY: setup deps ext test cuda-check bench clean
+.PHONY: setup deps ext test cuda-check clean
 
 setup: ext
 
@@ -48,9 +47,6 @@ cuda-check: $(STAMP)
 	FORCE_CUDA=1 CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST="$(CUDA_CHECK_ARCH)" \
 		$(PY) setup.py build_ext --build-temp $(CUDA_CHECK_DIR)/temp --build-lib $(CUDA_CHECK_DIR)/lib
 	@ls $(CUDA_CHECK_DIR)/lib/align_detr/_C*.so >/dev/null && echo "cuda-check: CUDA sources compiled"
-
-bench: setup
-	$(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf build $(CUDA_CHECK_DIR) *.egg-info align_detr/_C*.so
