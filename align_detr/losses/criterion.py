@@ -1,0 +1,196 @@
+"""The set criterion: matching plus classification and box losses for every output.
+
+Outputs of one forward pass (see AlignDETR.forward): the encoder proposals, each decoder layer,
+and the DN queries of each decoder layer. The plan per output says how many queries each GT
+gets (k; 1 is one-to-one) and whether rank weights apply. The classification loss type is
+shared: "focal" (DINO), "align" (Align-DETR) or "tal" (SD-DETR's task-alignment loss).
+"""
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from detectron2.utils import comm
+
+from align_detr.layers import box_cxcywh_to_xyxy, paired_iou_and_giou
+
+from .align import align_cls_loss, quality_target, rank_weights
+from .focal import sigmoid_focal_loss
+from .tal import tal_cls_loss
+
+LOSS_TYPES = ("focal", "align", "tal")
+
+
+class SetCriterion(nn.Module):
+    """
+    Args:
+        num_classes: C.
+        matcher: callable (outputs, targets, k) -> per image (query_idx, gt_idx) grouped by GT.
+        match_k: queries per GT for [encoder, decoder layer 1, ..., decoder layer N].
+        loss_type: "focal", "align" or "tal".
+        class_weight, bbox_weight, giou_weight: loss weights (1, 5, 2 in the papers).
+        focal_alpha: focal loss alpha (focal only).
+        alpha: quality-target exponent for "align" (t = s^alpha IoU^(1-alpha)); "tal" uses 0.25
+            as in SD-DETR.
+        gamma: focusing exponent of every loss type.
+        tau: rank-weight temperature; weights apply to outputs with k > 1.
+        dn_enabled: the model adds DN queries (their losses are always reported).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        matcher,
+        match_k: Sequence[int],
+        loss_type: str = "focal",
+        class_weight: float = 1.0,
+        bbox_weight: float = 5.0,
+        giou_weight: float = 2.0,
+        focal_alpha: float = 0.25,
+        alpha: float = 0.25,
+        gamma: float = 2.0,
+        tau: float = 1.5,
+        dn_enabled: bool = True,
+    ):
+        super().__init__()
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"LOSS.TYPE must be one of {LOSS_TYPES}, got {loss_type!r}")
+        if any(int(k) != k or k < 1 for k in match_k):
+            raise ValueError(f"LOSS.MATCH_K entries must be integers >= 1, got {list(match_k)}")
+        if tau <= 0:
+            raise ValueError(f"LOSS.TAU must be > 0, got {tau}")
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.match_k = [int(k) for k in match_k]
+        self.loss_type = loss_type
+        self.class_weight = class_weight
+        self.bbox_weight = bbox_weight
+        self.giou_weight = giou_weight
+        self.focal_alpha = focal_alpha
+        self.alpha = alpha
+        self.gamma = gamma
+        self.tau = tau
+        self.dn_enabled = dn_enabled
+
+    # ---- one output ------------------------------------------------------------------------
+
+    def output_losses(self, out, targets, indices, normalizer, rank_weighted: bool):
+        """Losses of one output given its matching.
+
+        Args:
+            out: pred_logits (B, Q, C), pred_boxes (B, Q, 4) sigmoid cxcywh.
+            indices: per image (query_idx, gt_idx), grouped by GT.
+            normalizer: the (process-averaged) GT count, times DN groups for DN outputs.
+            rank_weighted: apply exp(-rank / tau) to the positives of each GT.
+
+        Returns:
+            dict with weighted "class", "bbox", "giou" scalars.
+        """
+        logits, boxes = out["pred_logits"], out["pred_boxes"]
+        b, q, c = logits.shape
+        device = logits.device
+        batch_idx = torch.cat(
+            [torch.full_like(src, i) for i, (src, _) in enumerate(indices)]
+        ).to(device)
+        query_idx = torch.cat([src for src, _ in indices]).to(device)
+        gt_idx = torch.cat([tgt for _, tgt in indices]).to(device)
+        labels = torch.cat([t["labels"][j.to(t["labels"].device)] for t, (_, j) in zip(targets, indices)]).to(device)
+        gt_boxes = torch.cat([t["boxes"][j.to(t["boxes"].device)] for t, (_, j) in zip(targets, indices)]).to(device)
+        # GT ids unique across the batch, for grouping the positives of each GT
+        offsets = torch.cumsum(torch.tensor([0] + [len(t["labels"]) for t in targets[:-1]]), 0)
+        group = gt_idx + offsets.to(device)[batch_idx] if len(targets) else gt_idx
+
+        pred = boxes[batch_idx, query_idx]
+        iou, giou = paired_iou_and_giou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(gt_boxes))
+        weight = torch.ones_like(iou)
+        if rank_weighted and pred.shape[0] > 0:
+            score = logits[batch_idx, query_idx, labels].sigmoid()
+            weight = rank_weights(quality_target(score, iou, self.alpha), group, self.tau)
+
+        flat_logits = logits.reshape(b * q, c)
+        flat_query = batch_idx * q + query_idx
+        if self.loss_type == "focal":
+            onehot = torch.zeros_like(flat_logits)
+            onehot[flat_query, labels] = 1.0
+            loss_class = sigmoid_focal_loss(flat_logits, onehot, self.focal_alpha, self.gamma)
+            loss_class = loss_class / normalizer
+        elif self.loss_type == "align":
+            loss_class = align_cls_loss(
+                flat_logits, flat_query, labels, iou, weight, self.alpha, self.gamma, normalizer
+            )
+        else:
+            loss_class = tal_cls_loss(flat_logits, flat_query, labels, iou, weight, self.gamma, normalizer)
+        loss_bbox = (weight * (pred - gt_boxes).abs().sum(-1)).sum() / normalizer
+        loss_giou = (weight * (1 - giou)).sum() / normalizer
+        return {
+            "class": loss_class * self.class_weight,
+            "bbox": loss_bbox * self.bbox_weight,
+            "giou": loss_giou * self.giou_weight,
+        }
+
+    # ---- every output ----------------------------------------------------------------------
+
+    def num_boxes(self, targets, device) -> float:
+        """GT boxes per process, averaged over processes (at least 1)."""
+        n = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+        world = comm.get_world_size()
+        if world > 1:
+            torch.distributed.all_reduce(n)
+        return max(n.item() / world, 1.0)
+
+    def forward(
+        self,
+        outputs: Dict,
+        targets: List[Dict[str, torch.Tensor]],
+        dn_meta=None,
+    ) -> Dict[str, torch.Tensor]:
+        """
+        Args:
+            outputs: "layers": list over decoder layers of {pred_logits, pred_boxes} (matching
+                queries); "enc": the encoder proposals; "dn_layers": list over decoder layers of
+                the DN queries' predictions, or None.
+            targets: per image "labels" (G_b,) int64 and "boxes" (G_b, 4) normalised cxcywh.
+            dn_meta: DenoisingMeta of the DN queries, or None.
+
+        Returns:
+            loss dict: loss_{class,bbox,giou} for the final layer, with suffixes _0.._{N-2} for
+            the other layers, _enc for the encoder, _dn / _dn_i for DN.
+        """
+        layers = outputs["layers"]
+        if len(self.match_k) != len(layers) + 1:
+            raise ValueError(
+                f"LOSS.MATCH_K has {len(self.match_k)} entries; expected {len(layers) + 1} "
+                "(encoder + one per decoder layer)"
+            )
+        device = layers[-1]["pred_logits"].device
+        normalizer = self.num_boxes(targets, device)
+        losses = {}
+
+        def add(prefix_suffix: str, parts: Dict[str, torch.Tensor]):
+            for name, value in parts.items():
+                losses[f"loss_{name}{prefix_suffix}"] = value
+
+        named = [("_enc", outputs["enc"], self.match_k[0])]
+        for i, out in enumerate(layers):
+            suffix = "" if i == len(layers) - 1 else f"_{i}"
+            named.append((suffix, out, self.match_k[i + 1]))
+        for suffix, out, k in named:
+            indices = self.matcher(out, targets, k=k)
+            add(suffix, self.output_losses(out, targets, indices, normalizer, rank_weighted=k > 1))
+
+        dn_layers: Optional[List] = outputs.get("dn_layers")
+        if dn_layers is not None and dn_meta is not None:
+            dn_indices = [dn_meta.positive_indices(len(t["labels"])) for t in targets]
+            dn_norm = normalizer * dn_meta.num_groups
+            for i, out in enumerate(dn_layers):
+                suffix = "_dn" if i == len(dn_layers) - 1 else f"_dn_{i}"
+                add(suffix, self.output_losses(out, targets, dn_indices, dn_norm, False))
+        elif self.dn_enabled:
+            # DN is on but the batch has no GT box: keep the loss dict's keys stable (detectron2
+            # logs and sums them every iteration) with zeros that keep the graph connected
+            zero = layers[-1]["pred_logits"].sum() * 0.0
+            for i in range(len(layers)):
+                suffix = "_dn" if i == len(layers) - 1 else f"_dn_{i}"
+                add(suffix, {"class": zero, "bbox": zero, "giou": zero})
+        return losses

@@ -1,0 +1,6 @@
+from .align_detr import AlignDETR
+from .denoising import DenoisingMeta, build_denoising_queries
+from .neck import ChannelMapper
+from .transformer import DeformableTransformer
+
+__all__ = [k for k in globals().keys() if not k.startswith("_")]

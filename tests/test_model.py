@@ -1,0 +1,165 @@
+"""The AlignDETR meta-architecture on CPU with the tiny config: losses, DN mask, overfitting,
+inference output and checkpoint round trip."""
+
+import pytest
+import torch
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
+from detectron2.structures import pairwise_iou, Boxes
+
+import align_detr  # noqa: F401  (registers AlignDETR)
+from align_detr.modeling import build_denoising_queries
+
+from model_utils import batched_input, synthetic_image, tiny_cfg
+
+BOXES = ((20, 30, 70, 90), (80, 10, 120, 60))
+
+
+def test_training_losses_with_and_without_ground_truth():
+    model = build_model(tiny_cfg())
+    model.train()
+    img = synthetic_image(boxes=BOXES)
+    losses = model([batched_input(img, BOXES, [0, 1]), batched_input(img)])
+    names = {"loss_class", "loss_bbox", "loss_giou"}
+    suffixes = ["", "_0", "_enc", "_dn", "_dn_0"]
+    assert set(losses) == {n + s for n in names for s in suffixes}
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert sum(g is not None and g.abs().sum() > 0 for g in grads) > 0.8 * len(grads)
+
+    # a batch without any box: classification still pushes scores down, box losses are 0
+    model.zero_grad()
+    losses = model([batched_input(img), batched_input(img)])
+    for s in ["", "_0", "_enc"]:
+        assert losses["loss_class" + s] > 0
+        assert losses["loss_bbox" + s] == 0 and losses["loss_giou" + s] == 0
+    sum(losses.values()).backward()
+
+
+def test_dn_attention_mask_blocks_leaks():
+    targets = [
+        {"labels": torch.tensor([1, 2]), "boxes": torch.rand(2, 4) * 0.5 + 0.25},
+        {"labels": torch.tensor([0]), "boxes": torch.rand(1, 4) * 0.5 + 0.25},
+    ]
+    embed = torch.nn.Embedding(4, 8)
+    content, ref, mask, meta = build_denoising_queries(targets, 6, 0.5, 1.0, 3, embed, 5)
+    assert meta.group_pad == 2 and meta.num_groups == 3 and meta.pad_size == 12
+    assert content.shape == (2, 12, 8) and ref.shape == (2, 12, 4) and mask.shape == (17, 17)
+    pad, g2 = meta.pad_size, 2 * meta.group_pad
+    assert mask[pad:, :pad].all(), "matching queries must not see DN queries"
+    assert not mask[pad:, pad:].any() and not mask[:pad, pad:].any()
+    for gi in range(meta.num_groups):
+        lo, hi = gi * g2, (gi + 1) * g2
+        assert not mask[lo:hi, lo:hi].any()
+        assert mask[lo:hi, :lo].all() and mask[lo:hi, hi:pad].all()
+    # image 1 has one GT: its second slot of every half-group is padding
+    assert (content[1, 1] == 0).all() and (content[1, 3] == 0).all()
+    q, g = meta.positive_indices(2)
+    assert q.tolist() == [0, 4, 8, 1, 5, 9] and g.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_dn_groups_do_not_influence_matching_queries():
+    """Changing the DN queries of one group changes neither the matching queries' outputs nor
+    the other groups' outputs (the mask works inside the real decoder)."""
+    model = build_model(tiny_cfg("MODEL.ALIGN_DETR.DN.NUM_QUERIES", "4"))
+    model.train()
+    img = synthetic_image(boxes=BOXES)
+    torch.manual_seed(0)
+    inputs = [batched_input(img, BOXES, [0, 1])]
+    images, mask = model.preprocess_image(inputs)
+    srcs = model.neck(model.backbone(images.tensor))
+    masks = [torch.nn.functional.interpolate(mask[None].float(), size=s.shape[-2:])[0].bool() for s in srcs]
+    pos = [model.position_embedding(m) for m in masks]
+    t = model.transformer
+    enc = t.encode(srcs, masks, pos)
+    sel = t.select_queries(enc, model.class_heads[-1], model.box_heads[-1])
+    targets = model.prepare_targets(inputs, images)
+    content, ref, attn_mask, meta = build_denoising_queries(
+        targets, 4, 0.5, 1.0, model.num_classes, model.label_embed, sel["tgt"].shape[1]
+    )
+    assert meta.num_groups == 2
+
+    def run(dn_content):
+        tgt = torch.cat([dn_content, sel["tgt"]], 1)
+        hidden, _ = t.decode(tgt, torch.cat([ref, sel["ref_unact"]], 1), enc, model.box_heads, attn_mask)
+        return hidden[-1]
+
+    with torch.no_grad():
+        base = run(content)
+        changed = content.clone()
+        changed[:, 4:8] += 5.0  # group 1
+        other = run(changed)
+    torch.testing.assert_close(other[:, meta.pad_size :], base[:, meta.pad_size :])
+    torch.testing.assert_close(other[:, :4], base[:, :4])
+    assert not torch.allclose(other[:, 4:8], base[:, 4:8])
+
+
+def test_inference_output_format():
+    model = build_model(tiny_cfg())
+    model.eval()
+    img = synthetic_image(h=100, w=140)
+    with torch.no_grad():
+        out = model([{**batched_input(img), "height": 200, "width": 280}])
+    inst = out[0]["instances"]
+    assert inst.image_size == (200, 280)
+    assert len(inst) == 10  # NUM_SELECT
+    assert inst.pred_boxes.tensor.shape == (10, 4) and inst.scores.shape == (10,)
+    assert (inst.scores[:-1] >= inst.scores[1:]).all()
+    assert inst.pred_classes.max() < 80
+
+
+def test_overfits_one_image_and_finds_both_boxes():
+    torch.manual_seed(0)
+    cfg = tiny_cfg("MODEL.ALIGN_DETR.NUM_CLASSES", "2")
+    model = build_model(cfg)
+    model.train()
+    img = synthetic_image(boxes=BOXES)
+    batch = [batched_input(img, BOXES, [0, 1])]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    history = []
+    for _ in range(60):
+        losses = model(batch)
+        total = sum(losses.values())
+        opt.zero_grad()
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        opt.step()
+        history.append(total.item())
+    assert sum(history[-5:]) / 5 < 0.5 * sum(history[:5]) / 5
+    model.eval()
+    with torch.no_grad():
+        inst = model([batched_input(img)])[0]["instances"]
+    gt = Boxes(torch.tensor(BOXES, dtype=torch.float32))
+    for cls in (0, 1):
+        keep = inst.pred_classes == cls
+        top = inst[keep][:3]
+        iou = pairwise_iou(top.pred_boxes, gt[cls : cls + 1]).max()
+        assert iou > 0.5, f"class {cls}: best IoU among top predictions is {iou:.2f}"
+
+
+def test_checkpoint_round_trip(tmp_path):
+    cfg = tiny_cfg()
+    model = build_model(cfg)
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("model_test")
+    other = build_model(cfg)
+    DetectionCheckpointer(other).load(str(tmp_path / "model_test.pth"))
+    for (n, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
+        assert torch.equal(a, b), n
+    model.eval()
+    other.eval()
+    img = synthetic_image()
+    with torch.no_grad():
+        a = model([batched_input(img)])[0]["instances"]
+        b = other([batched_input(img)])[0]["instances"]
+    torch.testing.assert_close(a.scores, b.scores)
+
+
+def test_bad_config_values_are_reported():
+    with pytest.raises(ValueError, match="MATCH_K"):
+        build_model(tiny_cfg("MODEL.ALIGN_DETR.LOSS.MATCH_K", "[1, 1]"))
+    with pytest.raises(ValueError, match="TAU"):
+        build_model(tiny_cfg("MODEL.ALIGN_DETR.LOSS.TAU", "0.0"))
+    with pytest.raises(ValueError, match="divisible"):
+        build_model(tiny_cfg("MODEL.ALIGN_DETR.NHEADS", "3"))
