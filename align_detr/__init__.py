@@ -2,5 +2,7 @@
 
 from . import _ext  # loads align_detr._C and registers fake kernels / autograd
 from . import layers  # noqa: F401
+from . import data, engine  # noqa: F401
+from .config import add_align_detr_config  # noqa: F401
 
 __version__ = "0.1.0"

@@ -87,6 +87,8 @@ def add_align_detr_config(cfg):
     # Optimiser extras (detectron2's SOLVER has the rest).
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    # Weight decay of embeddings (nn.Embedding, *embed* parameters); norms use WEIGHT_DECAY_NORM.
+    cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
 
     # DETR data pipeline: short sides for training, and the crop branch of the DETR recipe.
     cfg.INPUT.CROP.ENABLED = True
