@@ -2,5 +2,6 @@
 
 from . import _ext  # loads align_detr._C and registers fake kernels / autograd
 from . import layers  # noqa: F401
+from . import matching  # noqa: F401
 
 __version__ = "0.1.0"
