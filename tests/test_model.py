@@ -117,9 +117,9 @@ def test_overfits_one_image_and_finds_both_boxes():
     model.train()
     img = synthetic_image(boxes=BOXES)
     batch = [batched_input(img, BOXES, [0, 1])]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=1e-4)
     history = []
-    for _ in range(60):
+    for _ in range(90):
         losses = model(batch)
         total = sum(losses.values())
         opt.zero_grad()
