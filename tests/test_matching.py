@@ -12,6 +12,8 @@ from align_detr.matching import (
     HungarianMatcher,
     ManyToOneMatcher,
     assign,
+    assign_flat,
+    assign_scipy,
     effective_k,
     matching_cost,
 )
@@ -231,8 +233,9 @@ def test_cost_raw_op_layout_and_empty_batch():
     )
     assert flat.shape == (70 * 7,)
     costs = matching_cost(logits, boxes, labels, gt_boxes)
-    torch.testing.assert_close(flat[: 70 * 2].view(70, 2), costs[0])
-    torch.testing.assert_close(flat[70 * 2 :].view(70, 5), costs[2])
+    # GT-major blocks: element g * Q + q of image b's block is query q's cost for GT g.
+    torch.testing.assert_close(flat[: 70 * 2].view(2, 70).t(), costs[0])
+    torch.testing.assert_close(flat[70 * 2 :].view(5, 70).t(), costs[2])
     assert matching_cost(logits[:0], boxes[:0], [], []) == []
     # Non-contiguous predictions are accepted.
     t = matching_cost(logits.transpose(0, 1).contiguous().transpose(0, 1), boxes, labels, gt_boxes)
@@ -278,18 +281,89 @@ def test_assign_optimal_vs_brute_force(shape, k):
         assert total_cost(cost, rows, cols) == pytest.approx(brute_force_min(cost, effective_k(k, *shape)))
 
 
-@pytest.mark.parametrize("shape, k", [((300, 37), 3), ((900, 50), 2), ((120, 80), 2), ((64, 64), 1)])
-def test_assign_optimal_vs_scipy(shape, k):
-    rng = np.random.default_rng(shape[1])
-    cost = rng.random(shape).astype(np.float32)
-    rows, cols = assign(torch.from_numpy(cost), k)
-    check_structure(rows, cols, *shape, k)
-    k_eff = effective_k(k, *shape)
-    # Independent replication (GT-major with np.repeat, not tiled) solved by SciPy.
-    r2, c2 = linear_sum_assignment(np.repeat(cost.astype(np.float64), k_eff, axis=1))
-    assert total_cost(cost.astype(np.float64), rows, cols) == pytest.approx(
-        cost.astype(np.float64)[r2, c2 // k_eff].sum(), rel=1e-12
-    )
+def scipy_optimum(cost, k):
+    """Optimal total by SciPy on an independently replicated (GT-major np.repeat) matrix."""
+    cost = np.asarray(cost, dtype=np.float64)
+    num_queries, num_gt = cost.shape
+    if num_queries < num_gt:
+        r, c = linear_sum_assignment(cost)
+        return cost[r, c].sum()
+    k_eff = effective_k(k, num_queries, num_gt)
+    r, c = linear_sum_assignment(np.repeat(cost, k_eff, axis=1))
+    return cost[r, c // k_eff].sum()
+
+
+@pytest.mark.parametrize("isa", [None, "avx2", "baseline"])
+@pytest.mark.parametrize(
+    "shape, k",
+    [((300, 37), 3), ((900, 50), 2), ((120, 80), 2), ((64, 64), 1), ((70, 130), 1), ((1, 1), 3),
+     ((200, 1), 5), ((1, 40), 1), ((130, 65), 2)],
+)
+def test_assign_optimal_vs_scipy(shape, k, isa, monkeypatch):
+    if isa is not None:
+        monkeypatch.setenv("ALIGN_DETR_CPU_ISA", isa)
+    rng = np.random.default_rng(shape[0] * 1000 + shape[1])
+    for trial, dtype in enumerate([np.float32, np.float64, np.float32]):
+        cost = rng.random(shape).astype(dtype)
+        if trial == 2:  # few distinct values: many ties between paths
+            cost = np.floor(cost * 4).astype(dtype)
+        rows, cols = assign(torch.from_numpy(cost), k)
+        check_structure(rows, cols, *shape, k)
+        assert total_cost(cost.astype(np.float64), rows, cols) == pytest.approx(
+            scipy_optimum(cost, k), rel=1e-9, abs=1e-9
+        )
+
+
+def test_assign_scipy_reference_agrees():
+    rng = np.random.default_rng(3)
+    for shape, k in [((50, 7), 3), ((9, 12), 1), ((30, 30), 2)]:
+        cost = rng.normal(size=shape)
+        r1, c1 = assign(torch.from_numpy(cost), k)
+        r2, c2 = assign_scipy(cost, k)
+        assert torch.equal(c1, torch.from_numpy(c2))  # same grouping; no ties in random costs
+        assert torch.equal(r1, torch.from_numpy(r2))
+
+
+def test_assign_inf_forbids_pairs_and_nan_raises():
+    cost = torch.rand(6, 2, dtype=torch.float64)
+    cost[0, :] = cost[3, :] = float("inf")
+    rows, cols = assign(cost, k=2)
+    check_structure(rows, cols, 6, 2, 2)
+    assert not ({0, 3} & set(rows.tolist()))
+    cost[1, 1] = float("nan")
+    with pytest.raises(ValueError):
+        assign(cost)
+
+
+def test_assign_flat_batch_equals_per_image():
+    rng = np.random.default_rng(4)
+    sizes, num_queries = [3, 0, 1, 25, 12], 40
+    blocks = [rng.random((num_queries, g)).astype(np.float32) for g in sizes]
+    flat = torch.cat([torch.from_numpy(b.T.copy()).reshape(-1) for b in blocks])
+    out = assign_flat(flat, sizes, num_queries, 2)
+    assert len(out) == len(sizes)
+    for (rows, cols), block in zip(out, blocks):
+        r2, c2 = assign(torch.from_numpy(block), 2)
+        assert torch.equal(rows, r2) and torch.equal(cols, c2)
+
+
+def test_assign_batch_op_validates():
+    op = torch.ops.align_detr.assign_batch
+    flat, off = torch.rand(12), torch.tensor([0, 2, 3])
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        op(flat.to(torch.float16), off, 4, 1)
+    with pytest.raises(RuntimeError, match="num_queries \\* offsets\\[-1\\] = 16"):
+        op(flat, torch.tensor([0, 2, 4]), 4, 1)
+    with pytest.raises(RuntimeError, match="non-decreasing"):
+        op(flat, torch.tensor([0, 3, 2]), 6, 1)
+    with pytest.raises(RuntimeError, match="offsets\\[0\\] must be 0"):
+        op(flat, torch.tensor([1, 3]), 6, 1)
+    with pytest.raises(RuntimeError, match="k must be >= 1"):
+        op(flat, off, 4, 0)
+    bad = flat.clone()
+    bad[5] = float("nan")
+    with pytest.raises(RuntimeError, match="NaN or inf"):
+        op(bad, off, 4, 1)
 
 
 def test_assign_k_eff_is_capped():

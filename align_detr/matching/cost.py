@@ -47,9 +47,10 @@ def matching_cost_flat(
     """Like :func:`matching_cost`, but returns the op's flat output and the GT counts.
 
     Returns:
-        ``(flat, sizes)``: flat (Q * sum(G),) holds image b's (Q, G_b) block, row-major, starting
-        at Q * sum(sizes[:b]); sizes is the list of G_b. The matchers copy ``flat`` to the host
-        in one transfer and solve from views of it.
+        ``(flat, sizes)``: flat (Q * sum(G),) holds image b's cost block starting at
+        Q * sum(sizes[:b]), GT-major: (G_b, Q) row-major, element g * Q + q being the cost of
+        query q for GT g; sizes is the list of G_b. The matchers copy ``flat`` to the host in
+        one transfer and solve it there with ``torch.ops.align_detr.assign_batch``.
     """
     if pred_logits.dim() != 3:
         raise ValueError(
@@ -81,9 +82,9 @@ def matching_cost_flat(
 
 
 def split_costs(flat: torch.Tensor, sizes: Sequence[int], num_queries: int) -> List[torch.Tensor]:
-    """Splits the op's flat output into per-image (Q, G_b) views."""
+    """Splits the op's flat output into per-image (Q, G_b) views (transposes of GT-major blocks)."""
     return [
-        block.view(num_queries, g)
+        block.view(g, num_queries).t()
         for block, g in zip(torch.split(flat, [num_queries * g for g in sizes]), sizes)
     ]
 
@@ -118,7 +119,9 @@ def matching_cost(
     Returns:
         B tensors (Q, G_b), views of one flat buffer on the predictions' device; float64 when a
         prediction is float64, else float32 (fp16 / bf16 predictions are computed in float32).
-        No gradient flows through them.
+        The buffer is GT-major, so each view is the transpose of a contiguous (G_b, Q) block
+        (use ``.reshape`` or ``.contiguous()`` rather than ``.view`` on it). No gradient flows
+        through them.
 
     Raises:
         RuntimeError: on NaN or inf in the predictions or GT boxes (the message names the
