@@ -221,8 +221,10 @@ def main(argv=None):
     num_gts = args.g or ((20,) if args.quick else (5, 20, 50, 100))
     rows = run(args.quick, num_gts)
     print(f"matching of one step (7 outputs, k = {list(KS)}), {args.threads} threads, medians")
-    print(f"{'G/img':>6} {'ours ms':>9} {'usual ms':>9} {'ratio':>7} | "
-          f"{'cost ours':>9} {'cost usual':>10} {'ratio':>7} | total cost (same)")
+    print(
+        f"{'G/img':>6} {'ours ms':>9} {'usual ms':>9} {'ratio':>7} | "
+        f"{'cost ours':>9} {'cost usual':>10} {'ratio':>7} | total cost (same)"
+    )
     for r, g in zip(rows, num_gts):
         print(
             f"{g:>6} {r['ours_s'] * 1e3:>9.2f} {r['reference_s'] * 1e3:>9.2f} {r['ratio']:>6.1f}x"

@@ -59,7 +59,10 @@ def random_batch(gts, num_queries=70, num_classes=11, seed=0, dtype=torch.float3
     boxes = torch.cat([ctr, wh], -1).to(dtype)
     labels = [torch.randint(0, num_classes, (n,), generator=g) for n in gts]
     gt_boxes = [
-        torch.cat([torch.rand(n, 2, generator=g) * 0.8 + 0.1, torch.rand(n, 2, generator=g) * 0.3 + 0.01], 1)
+        torch.cat(
+            [torch.rand(n, 2, generator=g) * 0.8 + 0.1, torch.rand(n, 2, generator=g) * 0.3 + 0.01],
+            1,
+        )
         for n in gts
     ]
     return logits, boxes, labels, gt_boxes
@@ -111,9 +114,7 @@ def test_cost_weights_and_focal_parameters(gamma):
     kw = dict(class_weight=1.3, bbox_weight=0.7, giou_weight=3.1, alpha=0.4, gamma=gamma)
     costs = matching_cost(logits, boxes, labels, gt_boxes, **kw)
     for b, c in enumerate(costs):
-        ref = reference_cost(
-            logits[b], boxes[b], labels[b], gt_boxes[b], 1.3, 0.7, 3.1, 0.4, gamma
-        )
+        ref = reference_cost(logits[b], boxes[b], labels[b], gt_boxes[b], 1.3, 0.7, 3.1, 0.4, gamma)
         torch.testing.assert_close(c.double(), ref, rtol=1e-5, atol=1e-4)
 
 
@@ -206,8 +207,8 @@ def test_cost_bad_inputs_raise():
         matching_cost(logits[0], boxes, labels, gt_boxes)
     with pytest.raises(RuntimeError, match="pred_logits must be a floating"):
         matching_cost(logits.long(), boxes, labels, gt_boxes)
-    with pytest.raises(RuntimeError, match="gt_boxes has 5 rows but gt_labels has 4 entries"):
-        matching_cost(logits, boxes, [labels[0], labels[1][:2]], gt_boxes)
+    with pytest.raises(ValueError, match="image 0 has 2 GT labels but GT boxes of shape"):
+        matching_cost(logits, boxes, labels, [gt_boxes[1], gt_boxes[0]])
     with pytest.raises(ValueError, match="for a batch of 2 images"):
         matching_cost(logits, boxes, labels[:1], gt_boxes[:1])
     # The raw op's offsets are checked too.
@@ -222,14 +223,29 @@ def test_cost_bad_inputs_raise():
     ]:
         with pytest.raises(RuntimeError, match=pattern):
             op(logits, boxes, lab, gtb, torch.tensor(offsets), *args)
+    off = torch.tensor([0, 2, 5])
+    with pytest.raises(RuntimeError, match="gt_boxes has 5 rows but gt_labels has 4 entries"):
+        op(logits, boxes, lab[:4], gtb, off, *args)
+    with pytest.raises(RuntimeError, match=r"pred_logits must be \(B, Q, C\)"):
+        op(logits[0], boxes, lab, gtb, off, *args)
+    with pytest.raises(RuntimeError, match="gt_offsets must be int64"):
+        op(logits, boxes, lab, gtb, off.int(), *args)
 
 
 def test_cost_raw_op_layout_and_empty_batch():
     logits, boxes, labels, gt_boxes = random_batch([2, 0, 5], seed=6)
     op = torch.ops.align_detr.matching_cost
     flat = op(
-        logits, boxes, torch.cat(labels), torch.cat(gt_boxes), torch.tensor([0, 2, 2, 7]),
-        2.0, 5.0, 2.0, 0.25, 2.0,
+        logits,
+        boxes,
+        torch.cat(labels),
+        torch.cat(gt_boxes),
+        torch.tensor([0, 2, 2, 7]),
+        2.0,
+        5.0,
+        2.0,
+        0.25,
+        2.0,
     )
     assert flat.shape == (70 * 7,)
     costs = matching_cost(logits, boxes, labels, gt_boxes)
@@ -271,14 +287,18 @@ def brute_force_min(cost, k):
     return best
 
 
-@pytest.mark.parametrize("shape, k", [((5, 3), 1), ((6, 2), 2), ((7, 3), 2), ((3, 5), 1), ((4, 4), 1)])
+@pytest.mark.parametrize(
+    "shape, k", [((5, 3), 1), ((6, 2), 2), ((7, 3), 2), ((3, 5), 1), ((4, 4), 1)]
+)
 def test_assign_optimal_vs_brute_force(shape, k):
     rng = np.random.default_rng(sum(shape) + k)
     for _ in range(3):
         cost = rng.normal(size=shape)
         rows, cols = assign(torch.from_numpy(cost), k)
         check_structure(rows, cols, *shape, k)
-        assert total_cost(cost, rows, cols) == pytest.approx(brute_force_min(cost, effective_k(k, *shape)))
+        assert total_cost(cost, rows, cols) == pytest.approx(
+            brute_force_min(cost, effective_k(k, *shape))
+        )
 
 
 def scipy_optimum(cost, k):
@@ -296,8 +316,17 @@ def scipy_optimum(cost, k):
 @pytest.mark.parametrize("isa", [None, "avx2", "baseline"])
 @pytest.mark.parametrize(
     "shape, k",
-    [((300, 37), 3), ((900, 50), 2), ((120, 80), 2), ((64, 64), 1), ((70, 130), 1), ((1, 1), 3),
-     ((200, 1), 5), ((1, 40), 1), ((130, 65), 2)],
+    [
+        ((300, 37), 3),
+        ((900, 50), 2),
+        ((120, 80), 2),
+        ((64, 64), 1),
+        ((70, 130), 1),
+        ((1, 1), 3),
+        ((200, 1), 5),
+        ((1, 40), 1),
+        ((130, 65), 2),
+    ],
 )
 def test_assign_optimal_vs_scipy(shape, k, isa, monkeypatch):
     if isa is not None:
@@ -370,7 +399,7 @@ def test_assign_k_eff_is_capped():
     rng = np.random.default_rng(0)
     assert effective_k(2, 900, 225) == 2 and effective_k(2, 900, 451) == 1
     assert effective_k(3, 10, 4) == 2 and effective_k(5, 10, 0) == 5
-    for (num_queries, num_gt, k) in [(10, 4, 3), (10, 7, 2), (10, 10, 4), (9, 2, 10), (10, 3, 1)]:
+    for num_queries, num_gt, k in [(10, 4, 3), (10, 7, 2), (10, 10, 4), (9, 2, 10), (10, 3, 1)]:
         cost = torch.from_numpy(rng.random((num_queries, num_gt)))
         rows, cols = assign(cost, k)
         check_structure(rows, cols, num_queries, num_gt, k)
@@ -415,7 +444,9 @@ def test_matcher_caps_k_per_image_only():
     # Q = 50: the crowded image (40 GT) gets k_eff = 1; the images after it must still get k.
     gts = [40, 0, 1, 12, 3]
     logits, boxes, labels, gt_boxes = random_batch(gts, num_queries=50, seed=8)
-    out = ManyToOneMatcher(k=3)({"pred_logits": logits, "pred_boxes": boxes}, make_targets(labels, gt_boxes))
+    out = ManyToOneMatcher(k=3)(
+        {"pred_logits": logits, "pred_boxes": boxes}, make_targets(labels, gt_boxes)
+    )
     assert len(out) == len(gts)
     expected_k = [1, None, 3, 3, 3]
     for (rows, cols), g, ek in zip(out, gts, expected_k):

@@ -3,8 +3,8 @@
 // Each image's block of the matching cost is solved as one rectangular linear assignment
 // in which every GT gets exactly k_eff = max(1, min(k, Q / G)) distinct queries: the GT columns
 // are replicated k_eff times (virtually: copy c of GT g is search row c * G + g and reads GT
-// g's row of the GT-major block, no copy is made) and no query is used twice. When Q < G the problem is
-// solved the other way round and min(Q, G) pairs come out.
+// g's row of the GT-major block, no copy is made) and no query is used twice. When Q < G the
+// problem is solved the other way round and min(Q, G) pairs come out.
 //
 // The solver is the shortest augmenting path algorithm of Jonker-Volgenant as described by
 // Crouse ("On implementing 2D rectangular assignment algorithms", IEEE TAES 2016), the one
@@ -126,7 +126,9 @@ template <typename T>
 void run_image(matching::Isa isa, const T* block, int64_t Q, int64_t G, int64_t k, Lsap& w,
                std::vector<T>& ct, int64_t* rows, int64_t* cols) {
 #ifdef ALIGN_DETR_X86_MULTIVERSION
-  if (isa == matching::Isa::kAvx512) return solve_image_avx512<T>(block, Q, G, k, w, ct, rows, cols);
+  if (isa == matching::Isa::kAvx512) {
+    return solve_image_avx512<T>(block, Q, G, k, w, ct, rows, cols);
+  }
   if (isa == matching::Isa::kAvx2) return solve_image_avx2<T>(block, Q, G, k, w, ct, rows, cols);
 #endif
   solve_image<T>(block, Q, G, k, w, ct, rows, cols);
@@ -166,7 +168,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> assign_batch_cpu(const at::Tensor
   at::Tensor pair_off = at::empty({B + 1}, offsets.options());
   int64_t* po = pair_off.data_ptr<int64_t>();
   po[0] = 0;
-  for (int64_t b = 0; b < B; ++b) po[b + 1] = po[b] + num_pairs(k, num_queries, off[b + 1] - off[b]);
+  for (int64_t b = 0; b < B; ++b) {
+    po[b + 1] = po[b] + num_pairs(k, num_queries, off[b + 1] - off[b]);
+  }
   at::Tensor rows = at::empty({po[B]}, offsets.options());
   at::Tensor cols = at::empty({po[B]}, offsets.options());
   int64_t* rp = rows.data_ptr<int64_t>();

@@ -239,7 +239,9 @@ template <typename scalar_t, typename acc_t>
 bool run_tiles(Isa isa, const Args<scalar_t, acc_t>& a, int64_t b, int64_t e,
                Scratch<acc_t>& s) {
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (a.gamma == 2.0f) return run_tiles_isa<scalar_t, acc_t, FastFloatMathGamma2>(isa, a, b, e, s);
+    if (a.gamma == 2.0f) {
+      return run_tiles_isa<scalar_t, acc_t, FastFloatMathGamma2>(isa, a, b, e, s);
+    }
   }
   return run_tiles_isa<scalar_t, acc_t, matching::LibmMath>(isa, a, b, e, s);
 }
