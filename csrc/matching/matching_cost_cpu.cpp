@@ -211,15 +211,14 @@ ALIGN_DETR_ALWAYS_INLINE bool cost_tiles(const Args<scalar_t, acc_t>& a, int64_t
 
 #ifdef ALIGN_DETR_X86_MULTIVERSION
 template <typename scalar_t, typename acc_t, typename M>
-ALIGN_DETR_TARGET_AVX2 bool cost_tiles_avx2(const Args<scalar_t, acc_t>& a,
-                                                          int64_t b, int64_t e,
-                                                          Scratch<acc_t>& s) {
+ALIGN_DETR_TARGET_AVX2 bool cost_tiles_avx2(const Args<scalar_t, acc_t>& a, int64_t b, int64_t e,
+                                            Scratch<acc_t>& s) {
   return cost_tiles<scalar_t, acc_t, M>(a, b, e, s);
 }
 
 template <typename scalar_t, typename acc_t, typename M>
-ALIGN_DETR_TARGET_AVX512 bool cost_tiles_avx512(
-    const Args<scalar_t, acc_t>& a, int64_t b, int64_t e, Scratch<acc_t>& s) {
+ALIGN_DETR_TARGET_AVX512 bool cost_tiles_avx512(const Args<scalar_t, acc_t>& a, int64_t b,
+                                                int64_t e, Scratch<acc_t>& s) {
   return cost_tiles<scalar_t, acc_t, M>(a, b, e, s);
 }
 #endif
