@@ -12,6 +12,8 @@ from align_detr.matching import (
     HungarianMatcher,
     ManyToOneMatcher,
     assign,
+    assign_flat,
+    assign_scipy,
     effective_k,
     matching_cost,
 )
@@ -57,7 +59,10 @@ def random_batch(gts, num_queries=70, num_classes=11, seed=0, dtype=torch.float3
     boxes = torch.cat([ctr, wh], -1).to(dtype)
     labels = [torch.randint(0, num_classes, (n,), generator=g) for n in gts]
     gt_boxes = [
-        torch.cat([torch.rand(n, 2, generator=g) * 0.8 + 0.1, torch.rand(n, 2, generator=g) * 0.3 + 0.01], 1)
+        torch.cat(
+            [torch.rand(n, 2, generator=g) * 0.8 + 0.1, torch.rand(n, 2, generator=g) * 0.3 + 0.01],
+            1,
+        )
         for n in gts
     ]
     return logits, boxes, labels, gt_boxes
@@ -109,9 +114,7 @@ def test_cost_weights_and_focal_parameters(gamma):
     kw = dict(class_weight=1.3, bbox_weight=0.7, giou_weight=3.1, alpha=0.4, gamma=gamma)
     costs = matching_cost(logits, boxes, labels, gt_boxes, **kw)
     for b, c in enumerate(costs):
-        ref = reference_cost(
-            logits[b], boxes[b], labels[b], gt_boxes[b], 1.3, 0.7, 3.1, 0.4, gamma
-        )
+        ref = reference_cost(logits[b], boxes[b], labels[b], gt_boxes[b], 1.3, 0.7, 3.1, 0.4, gamma)
         torch.testing.assert_close(c.double(), ref, rtol=1e-5, atol=1e-4)
 
 
@@ -204,8 +207,8 @@ def test_cost_bad_inputs_raise():
         matching_cost(logits[0], boxes, labels, gt_boxes)
     with pytest.raises(RuntimeError, match="pred_logits must be a floating"):
         matching_cost(logits.long(), boxes, labels, gt_boxes)
-    with pytest.raises(RuntimeError, match="gt_boxes has 5 rows but gt_labels has 4 entries"):
-        matching_cost(logits, boxes, [labels[0], labels[1][:2]], gt_boxes)
+    with pytest.raises(ValueError, match="image 0 has 2 GT labels but GT boxes of shape"):
+        matching_cost(logits, boxes, labels, [gt_boxes[1], gt_boxes[0]])
     with pytest.raises(ValueError, match="for a batch of 2 images"):
         matching_cost(logits, boxes, labels[:1], gt_boxes[:1])
     # The raw op's offsets are checked too.
@@ -220,19 +223,35 @@ def test_cost_bad_inputs_raise():
     ]:
         with pytest.raises(RuntimeError, match=pattern):
             op(logits, boxes, lab, gtb, torch.tensor(offsets), *args)
+    off = torch.tensor([0, 2, 5])
+    with pytest.raises(RuntimeError, match="gt_boxes has 5 rows but gt_labels has 4 entries"):
+        op(logits, boxes, lab[:4], gtb, off, *args)
+    with pytest.raises(RuntimeError, match=r"pred_logits must be \(B, Q, C\)"):
+        op(logits[0], boxes, lab, gtb, off, *args)
+    with pytest.raises(RuntimeError, match="gt_offsets must be int64"):
+        op(logits, boxes, lab, gtb, off.int(), *args)
 
 
 def test_cost_raw_op_layout_and_empty_batch():
     logits, boxes, labels, gt_boxes = random_batch([2, 0, 5], seed=6)
     op = torch.ops.align_detr.matching_cost
     flat = op(
-        logits, boxes, torch.cat(labels), torch.cat(gt_boxes), torch.tensor([0, 2, 2, 7]),
-        2.0, 5.0, 2.0, 0.25, 2.0,
+        logits,
+        boxes,
+        torch.cat(labels),
+        torch.cat(gt_boxes),
+        torch.tensor([0, 2, 2, 7]),
+        2.0,
+        5.0,
+        2.0,
+        0.25,
+        2.0,
     )
     assert flat.shape == (70 * 7,)
     costs = matching_cost(logits, boxes, labels, gt_boxes)
-    torch.testing.assert_close(flat[: 70 * 2].view(70, 2), costs[0])
-    torch.testing.assert_close(flat[70 * 2 :].view(70, 5), costs[2])
+    # GT-major blocks: element g * Q + q of image b's block is query q's cost for GT g.
+    torch.testing.assert_close(flat[: 70 * 2].view(2, 70).t(), costs[0])
+    torch.testing.assert_close(flat[70 * 2 :].view(5, 70).t(), costs[2])
     assert matching_cost(logits[:0], boxes[:0], [], []) == []
     # Non-contiguous predictions are accepted.
     t = matching_cost(logits.transpose(0, 1).contiguous().transpose(0, 1), boxes, labels, gt_boxes)
@@ -268,35 +287,119 @@ def brute_force_min(cost, k):
     return best
 
 
-@pytest.mark.parametrize("shape, k", [((5, 3), 1), ((6, 2), 2), ((7, 3), 2), ((3, 5), 1), ((4, 4), 1)])
+@pytest.mark.parametrize(
+    "shape, k", [((5, 3), 1), ((6, 2), 2), ((7, 3), 2), ((3, 5), 1), ((4, 4), 1)]
+)
 def test_assign_optimal_vs_brute_force(shape, k):
     rng = np.random.default_rng(sum(shape) + k)
     for _ in range(3):
         cost = rng.normal(size=shape)
         rows, cols = assign(torch.from_numpy(cost), k)
         check_structure(rows, cols, *shape, k)
-        assert total_cost(cost, rows, cols) == pytest.approx(brute_force_min(cost, effective_k(k, *shape)))
+        assert total_cost(cost, rows, cols) == pytest.approx(
+            brute_force_min(cost, effective_k(k, *shape))
+        )
 
 
-@pytest.mark.parametrize("shape, k", [((300, 37), 3), ((900, 50), 2), ((120, 80), 2), ((64, 64), 1)])
-def test_assign_optimal_vs_scipy(shape, k):
-    rng = np.random.default_rng(shape[1])
-    cost = rng.random(shape).astype(np.float32)
-    rows, cols = assign(torch.from_numpy(cost), k)
-    check_structure(rows, cols, *shape, k)
-    k_eff = effective_k(k, *shape)
-    # Independent replication (GT-major with np.repeat, not tiled) solved by SciPy.
-    r2, c2 = linear_sum_assignment(np.repeat(cost.astype(np.float64), k_eff, axis=1))
-    assert total_cost(cost.astype(np.float64), rows, cols) == pytest.approx(
-        cost.astype(np.float64)[r2, c2 // k_eff].sum(), rel=1e-12
-    )
+def scipy_optimum(cost, k):
+    """Optimal total by SciPy on an independently replicated (GT-major np.repeat) matrix."""
+    cost = np.asarray(cost, dtype=np.float64)
+    num_queries, num_gt = cost.shape
+    if num_queries < num_gt:
+        r, c = linear_sum_assignment(cost)
+        return cost[r, c].sum()
+    k_eff = effective_k(k, num_queries, num_gt)
+    r, c = linear_sum_assignment(np.repeat(cost, k_eff, axis=1))
+    return cost[r, c // k_eff].sum()
+
+
+@pytest.mark.parametrize("isa", [None, "avx2", "baseline"])
+@pytest.mark.parametrize(
+    "shape, k",
+    [
+        ((300, 37), 3),
+        ((900, 50), 2),
+        ((120, 80), 2),
+        ((64, 64), 1),
+        ((70, 130), 1),
+        ((1, 1), 3),
+        ((200, 1), 5),
+        ((1, 40), 1),
+        ((130, 65), 2),
+    ],
+)
+def test_assign_optimal_vs_scipy(shape, k, isa, monkeypatch):
+    if isa is not None:
+        monkeypatch.setenv("ALIGN_DETR_CPU_ISA", isa)
+    rng = np.random.default_rng(shape[0] * 1000 + shape[1])
+    for trial, dtype in enumerate([np.float32, np.float64, np.float32]):
+        cost = rng.random(shape).astype(dtype)
+        if trial == 2:  # few distinct values: many ties between paths
+            cost = np.floor(cost * 4).astype(dtype)
+        rows, cols = assign(torch.from_numpy(cost), k)
+        check_structure(rows, cols, *shape, k)
+        assert total_cost(cost.astype(np.float64), rows, cols) == pytest.approx(
+            scipy_optimum(cost, k), rel=1e-9, abs=1e-9
+        )
+
+
+def test_assign_scipy_reference_agrees():
+    rng = np.random.default_rng(3)
+    for shape, k in [((50, 7), 3), ((9, 12), 1), ((30, 30), 2)]:
+        cost = rng.normal(size=shape)
+        r1, c1 = assign(torch.from_numpy(cost), k)
+        r2, c2 = assign_scipy(cost, k)
+        assert torch.equal(c1, torch.from_numpy(c2))  # same grouping; no ties in random costs
+        assert torch.equal(r1, torch.from_numpy(r2))
+
+
+def test_assign_inf_forbids_pairs_and_nan_raises():
+    cost = torch.rand(6, 2, dtype=torch.float64)
+    cost[0, :] = cost[3, :] = float("inf")
+    rows, cols = assign(cost, k=2)
+    check_structure(rows, cols, 6, 2, 2)
+    assert not ({0, 3} & set(rows.tolist()))
+    cost[1, 1] = float("nan")
+    with pytest.raises(ValueError):
+        assign(cost)
+
+
+def test_assign_flat_batch_equals_per_image():
+    rng = np.random.default_rng(4)
+    sizes, num_queries = [3, 0, 1, 25, 12], 40
+    blocks = [rng.random((num_queries, g)).astype(np.float32) for g in sizes]
+    flat = torch.cat([torch.from_numpy(b.T.copy()).reshape(-1) for b in blocks])
+    out = assign_flat(flat, sizes, num_queries, 2)
+    assert len(out) == len(sizes)
+    for (rows, cols), block in zip(out, blocks):
+        r2, c2 = assign(torch.from_numpy(block), 2)
+        assert torch.equal(rows, r2) and torch.equal(cols, c2)
+
+
+def test_assign_batch_op_validates():
+    op = torch.ops.align_detr.assign_batch
+    flat, off = torch.rand(12), torch.tensor([0, 2, 3])
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        op(flat.to(torch.float16), off, 4, 1)
+    with pytest.raises(RuntimeError, match="num_queries \\* offsets\\[-1\\] = 16"):
+        op(flat, torch.tensor([0, 2, 4]), 4, 1)
+    with pytest.raises(RuntimeError, match="non-decreasing"):
+        op(flat, torch.tensor([0, 3, 2]), 6, 1)
+    with pytest.raises(RuntimeError, match="offsets\\[0\\] must be 0"):
+        op(flat, torch.tensor([1, 3]), 6, 1)
+    with pytest.raises(RuntimeError, match="k must be >= 1"):
+        op(flat, off, 4, 0)
+    bad = flat.clone()
+    bad[5] = float("nan")
+    with pytest.raises(RuntimeError, match="NaN or inf"):
+        op(bad, off, 4, 1)
 
 
 def test_assign_k_eff_is_capped():
     rng = np.random.default_rng(0)
     assert effective_k(2, 900, 225) == 2 and effective_k(2, 900, 451) == 1
     assert effective_k(3, 10, 4) == 2 and effective_k(5, 10, 0) == 5
-    for (num_queries, num_gt, k) in [(10, 4, 3), (10, 7, 2), (10, 10, 4), (9, 2, 10), (10, 3, 1)]:
+    for num_queries, num_gt, k in [(10, 4, 3), (10, 7, 2), (10, 10, 4), (9, 2, 10), (10, 3, 1)]:
         cost = torch.from_numpy(rng.random((num_queries, num_gt)))
         rows, cols = assign(cost, k)
         check_structure(rows, cols, num_queries, num_gt, k)
@@ -341,7 +444,9 @@ def test_matcher_caps_k_per_image_only():
     # Q = 50: the crowded image (40 GT) gets k_eff = 1; the images after it must still get k.
     gts = [40, 0, 1, 12, 3]
     logits, boxes, labels, gt_boxes = random_batch(gts, num_queries=50, seed=8)
-    out = ManyToOneMatcher(k=3)({"pred_logits": logits, "pred_boxes": boxes}, make_targets(labels, gt_boxes))
+    out = ManyToOneMatcher(k=3)(
+        {"pred_logits": logits, "pred_boxes": boxes}, make_targets(labels, gt_boxes)
+    )
     assert len(out) == len(gts)
     expected_k = [1, None, 3, 3, 3]
     for (rows, cols), g, ek in zip(out, gts, expected_k):

@@ -1,6 +1,6 @@
 """DETR matching: compiled matching cost, one-to-one and many-to-one assignment, matchers."""
 
-from .assignment import assign, assign_numpy, effective_k
+from .assignment import assign, assign_flat, assign_scipy, effective_k
 from .cost import matching_cost
 from .matcher import HungarianMatcher, ManyToOneMatcher
 
@@ -8,7 +8,8 @@ __all__ = [
     "HungarianMatcher",
     "ManyToOneMatcher",
     "assign",
-    "assign_numpy",
+    "assign_flat",
+    "assign_scipy",
     "effective_k",
     "matching_cost",
 ]

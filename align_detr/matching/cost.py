@@ -18,15 +18,24 @@ def _concat_targets(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[int]]:
     """Concatenates per-image targets and builds the (B + 1,) exclusive-cumsum offsets."""
     sizes = [int(t.shape[0]) for t in gt_labels]
+    for b, (g, boxes) in enumerate(zip(sizes, gt_boxes)):
+        if boxes.numel() != 4 * g:
+            raise ValueError(
+                f"matching_cost: image {b} has {g} GT labels but GT boxes of shape "
+                f"{tuple(boxes.shape)}"
+            )
     offsets = [0]
     for g in sizes:
         offsets.append(offsets[-1] + g)
     # Labels keep their dtype (the op insists on int64) except empty ones, often made as float.
+    # Host-to-device copies are non-blocking so they do not wait for queued kernels.
     labels = torch.cat(
-        [(t.long() if t.numel() == 0 else t).reshape(-1).to(device) for t in gt_labels]
+        [
+            (t.long() if t.numel() == 0 else t).reshape(-1).to(device, non_blocking=True)
+            for t in gt_labels
+        ]
     )
-    boxes = torch.cat([t.reshape(-1, 4).to(device) for t in gt_boxes])
-    # Built on the host from Python ints; a non-blocking copy does not wait for queued kernels.
+    boxes = torch.cat([t.reshape(-1, 4).to(device, non_blocking=True) for t in gt_boxes])
     off = torch.tensor(offsets, dtype=torch.int64)
     if device.type != "cpu":
         off = off.to(device, non_blocking=True)
@@ -47,9 +56,10 @@ def matching_cost_flat(
     """Like :func:`matching_cost`, but returns the op's flat output and the GT counts.
 
     Returns:
-        ``(flat, sizes)``: flat (Q * sum(G),) holds image b's (Q, G_b) block, row-major, starting
-        at Q * sum(sizes[:b]); sizes is the list of G_b. The matchers copy ``flat`` to the host
-        in one transfer and solve from views of it.
+        ``(flat, sizes)``: flat (Q * sum(G),) holds image b's cost block starting at
+        Q * sum(sizes[:b]), GT-major: (G_b, Q) row-major, element g * Q + q being the cost of
+        query q for GT g; sizes is the list of G_b. The matchers copy ``flat`` to the host in
+        one transfer and solve it there with ``torch.ops.align_detr.assign_batch``.
     """
     if pred_logits.dim() != 3:
         raise ValueError(
@@ -61,7 +71,11 @@ def matching_cost_flat(
             f"for a batch of {pred_logits.shape[0]} images"
         )
     if pred_logits.shape[0] == 0:
-        out_dtype = torch.float64 if torch.float64 in (pred_logits.dtype, pred_boxes.dtype) else torch.float32
+        out_dtype = (
+            torch.float64
+            if torch.float64 in (pred_logits.dtype, pred_boxes.dtype)
+            else torch.float32
+        )
         return pred_logits.new_empty((0,), dtype=out_dtype), []
     labels, boxes, offsets, sizes = _concat_targets(gt_labels, gt_boxes, pred_logits.device)
     with torch.no_grad():  # matching is not differentiated; the op has no autograd formula
@@ -81,9 +95,9 @@ def matching_cost_flat(
 
 
 def split_costs(flat: torch.Tensor, sizes: Sequence[int], num_queries: int) -> List[torch.Tensor]:
-    """Splits the op's flat output into per-image (Q, G_b) views."""
+    """Splits the op's flat output into per-image (Q, G_b) views (transposes of GT-major blocks)."""
     return [
-        block.view(num_queries, g)
+        block.view(g, num_queries).t()
         for block, g in zip(torch.split(flat, [num_queries * g for g in sizes]), sizes)
     ]
 
@@ -118,7 +132,9 @@ def matching_cost(
     Returns:
         B tensors (Q, G_b), views of one flat buffer on the predictions' device; float64 when a
         prediction is float64, else float32 (fp16 / bf16 predictions are computed in float32).
-        No gradient flows through them.
+        The buffer is GT-major, so each view is the transpose of a contiguous (G_b, Q) block
+        (use ``.reshape`` or ``.contiguous()`` rather than ``.view`` on it). No gradient flows
+        through them.
 
     Raises:
         RuntimeError: on NaN or inf in the predictions or GT boxes (the message names the
@@ -150,10 +166,16 @@ def _register_fake():
             lambda: "matching_cost: pred_boxes must be (B, Q, 4)",
         )
         torch._check(
-            gt_labels.dim() == 1 and gt_boxes.dim() == 2 and gt_boxes.shape[0] == gt_labels.shape[0],
+            gt_labels.dim() == 1
+            and gt_boxes.dim() == 2
+            and gt_boxes.shape[0] == gt_labels.shape[0],
             lambda: "matching_cost: gt_labels must be (sumG,) and gt_boxes (sumG, 4)",
         )
-        dtype = torch.float64 if torch.float64 in (pred_logits.dtype, pred_boxes.dtype) else torch.float32
+        dtype = (
+            torch.float64
+            if torch.float64 in (pred_logits.dtype, pred_boxes.dtype)
+            else torch.float32
+        )
         return pred_logits.new_empty((pred_logits.shape[1] * gt_labels.shape[0],), dtype=dtype)
 
 

@@ -5,16 +5,16 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .assignment import assign_numpy
+from .assignment import assign_flat
 from .cost import matching_cost_flat
 
 
 class HungarianMatcher(nn.Module):
     """Matches queries to ground truth by minimum focal + L1 + (-GIoU) cost, ``k`` queries per GT.
 
-    The costs of the whole batch come from one compiled call (each image against its own GT) and
-    reach the host in one copy; each image is then solved by :func:`~.assignment.assign_numpy`
-    with ``k_eff = max(1, min(k, Q // G_b))`` computed for that image alone. ``k = 1`` is the
+    The costs of the whole batch come from one compiled call (each image against its own GT),
+    reach the host in one copy and are solved there by one compiled call (images in parallel),
+    with ``k_eff = max(1, min(k, Q // G_b))`` computed for each image alone. ``k = 1`` is the
     one-to-one matching of DETR; ``k > 1`` the many-to-one matching of Align-DETR.
 
     Args:
@@ -82,15 +82,8 @@ class HungarianMatcher(nn.Module):
             self.alpha,
             self.gamma,
         )
-        flat = flat.cpu().numpy()  # the one device-to-host copy of the batch
-        indices = []
-        start = 0
-        for g in sizes:
-            block = flat[start : start + num_queries * g].reshape(num_queries, g)
-            start += num_queries * g
-            rows, cols = assign_numpy(block, k)
-            indices.append((torch.from_numpy(rows), torch.from_numpy(cols)))
-        return indices
+        # The one device-to-host copy of the batch, then all images solved in one call.
+        return assign_flat(flat.cpu(), sizes, num_queries, k)
 
     def extra_repr(self) -> str:
         return (

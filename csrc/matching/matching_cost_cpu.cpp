@@ -10,8 +10,8 @@
 //   * per tile and *distinct* class of the image: the focal class cost of each query, with
 //     branch-free polynomial exp / log for float (crowded images repeat classes a lot, and the
 //     transcendentals are the expensive part);
-//   * per tile and GT: class cost + L1 + (-GIoU) into a (G, kTile) buffer, then transposed into
-//     the (Q, G) output block.
+//   * per tile and GT: class cost + L1 + (-GIoU), written straight into the GT-major (G, Q)
+//     output block of the image (a contiguous run of kTile queries).
 // Tiles are split into tasks of equal estimated work, so images with very different GT counts
 // still load the threads evenly. The loops are compiled for AVX-512, AVX2 and baseline x86-64
 // and the widest one the CPU supports is picked at run time (ALIGN_DETR_CPU_ISA=baseline or
@@ -31,20 +31,15 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "matching_cost.h"
 #include "matching_cost_math.h"
-
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-#define ALIGN_DETR_X86_MULTIVERSION 1
-#define ALIGN_DETR_ALWAYS_INLINE __attribute__((always_inline)) inline
-#else
-#define ALIGN_DETR_ALWAYS_INLINE inline
-#endif
 
 namespace align_detr {
 namespace {
 
 using matching::Box;
+using matching::Isa;
 
 constexpr int64_t kTile = 64;  // queries per tile
 
@@ -101,7 +96,6 @@ struct GtTable {
   std::vector<int64_t> ulabel;  // distinct classes of image 0, then image 1, ...
   std::vector<int64_t> ustart;  // (B + 1,) where each image's list starts in ulabel
   int64_t max_u = 0;            // longest list
-  int64_t max_g = 0;            // most GT in one image
 };
 
 template <typename scalar_t, typename acc_t>
@@ -112,22 +106,21 @@ struct Args {
   const GtTable<acc_t>* gt;
   int64_t Q, C, tiles_per_image;
   acc_t class_weight, bbox_weight, giou_weight, alpha, gamma;
-  acc_t* out;  // (Q * sumG,)
+  acc_t* out;  // (Q * sumG,): image b's (G_b, Q) block at Q * offsets[b]
 };
 
 // Per-thread buffers of cost_tiles.
 template <typename acc_t>
 struct Scratch {
   std::vector<acc_t> buf;
-  acc_t *px0, *py0, *px1, *py1, *parea, *pcx, *pcy, *pw, *ph, *logit, *cls, *tile;
-  Scratch(int64_t max_u, int64_t max_g) : buf((10 + max_u + max_g) * kTile) {
+  acc_t *px0, *py0, *px1, *py1, *parea, *pcx, *pcy, *pw, *ph, *logit, *cls;
+  explicit Scratch(int64_t max_u) : buf((10 + max_u) * kTile) {
     acc_t* p = buf.data();
     for (acc_t** f : {&px0, &py0, &px1, &py1, &parea, &pcx, &pcy, &pw, &ph, &logit}) {
       *f = p;
       p += kTile;
     }
     cls = p;  // (max_u, kTile)
-    tile = p + max_u * kTile;  // (max_g, kTile)
   }
 };
 
@@ -194,6 +187,7 @@ ALIGN_DETR_ALWAYS_INLINE bool cost_tiles(const Args<scalar_t, acc_t>& a, int64_t
       }
     }
 
+    // Image b's block is GT-major, (G, Q): row g holds GT g's cost for every query.
     const acc_t bw = a.bbox_weight, gw = a.giou_weight;
     for (int64_t g = 0; g < G; ++g) {
       const int64_t j = g0 + g;
@@ -201,58 +195,30 @@ ALIGN_DETR_ALWAYS_INLINE bool cost_tiles(const Args<scalar_t, acc_t>& a, int64_t
       const acc_t gx0 = gt.x0[j], gy0 = gt.y0[j], gx1 = gt.x1[j], gy1 = gt.y1[j];
       const acc_t garea = gt.area[j];
       const acc_t* __restrict__ cls = s.cls + gt.uidx[j] * kTile;
-      acc_t* __restrict__ row = s.tile + g * kTile;
+      acc_t* __restrict__ o = a.out + j * Q + q0;
       for (int64_t i = 0; i < n; ++i) {
         const Box<acc_t> p = {pcx[i], pcy[i], pw[i], ph[i], px0[i], py0[i], px1[i], py1[i],
                               parea[i]};
-        row[i] = cls[i] + matching::box_cost(p, gcx, gcy, gww, ghh, gx0, gy0, gx1, gy1, garea,
-                                             bw, gw);
+        o[i] = cls[i] + matching::box_cost(p, gcx, gcy, gww, ghh, gx0, gy0, gx1, gy1, garea, bw,
+                                           gw);
       }
-    }
-    // (G, n) tile -> rows q0 .. q0 + n of the image's (Q, G) block.
-    acc_t* __restrict__ o = a.out + Q * g0 + q0 * G;
-    const acc_t* __restrict__ tile = s.tile;
-    for (int64_t i = 0; i < n; ++i) {
-      for (int64_t g = 0; g < G; ++g) o[i * G + g] = tile[g * kTile + i];
     }
   }
   return bad == 0;
 }
 
-// ---- instruction-set variants (same scheme as ms_deform_attn_cpu.cpp) ----------------------
-
-enum class Isa { kBaseline, kAvx2, kAvx512 };
-
-Isa pick_isa() {
-#ifdef ALIGN_DETR_X86_MULTIVERSION
-  Isa best = Isa::kBaseline;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
-  if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw")) {
-    best = Isa::kAvx512;
-  }
-  const char* env = std::getenv("ALIGN_DETR_CPU_ISA");
-  if (env != nullptr) {
-    if (std::strcmp(env, "baseline") == 0) return Isa::kBaseline;
-    if (std::strcmp(env, "avx2") == 0 && best != Isa::kBaseline) return Isa::kAvx2;
-  }
-  return best;
-#else
-  return Isa::kBaseline;
-#endif
-}
+// ---- instruction-set variants (cpu_isa.h) --------------------------------------------------
 
 #ifdef ALIGN_DETR_X86_MULTIVERSION
 template <typename scalar_t, typename acc_t, typename M>
-__attribute__((target("avx2,fma"))) bool cost_tiles_avx2(const Args<scalar_t, acc_t>& a,
-                                                          int64_t b, int64_t e,
-                                                          Scratch<acc_t>& s) {
+ALIGN_DETR_TARGET_AVX2 bool cost_tiles_avx2(const Args<scalar_t, acc_t>& a, int64_t b, int64_t e,
+                                            Scratch<acc_t>& s) {
   return cost_tiles<scalar_t, acc_t, M>(a, b, e, s);
 }
 
 template <typename scalar_t, typename acc_t, typename M>
-__attribute__((target("avx512f,avx512vl,avx512bw,avx2,fma"))) bool cost_tiles_avx512(
-    const Args<scalar_t, acc_t>& a, int64_t b, int64_t e, Scratch<acc_t>& s) {
+ALIGN_DETR_TARGET_AVX512 bool cost_tiles_avx512(const Args<scalar_t, acc_t>& a, int64_t b,
+                                                int64_t e, Scratch<acc_t>& s) {
   return cost_tiles<scalar_t, acc_t, M>(a, b, e, s);
 }
 #endif
@@ -272,7 +238,9 @@ template <typename scalar_t, typename acc_t>
 bool run_tiles(Isa isa, const Args<scalar_t, acc_t>& a, int64_t b, int64_t e,
                Scratch<acc_t>& s) {
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (a.gamma == 2.0f) return run_tiles_isa<scalar_t, acc_t, FastFloatMathGamma2>(isa, a, b, e, s);
+    if (a.gamma == 2.0f) {
+      return run_tiles_isa<scalar_t, acc_t, FastFloatMathGamma2>(isa, a, b, e, s);
+    }
   }
   return run_tiles_isa<scalar_t, acc_t, matching::LibmMath>(isa, a, b, e, s);
 }
@@ -329,13 +297,12 @@ GtTable<acc_t> build_gt_table(const int64_t* labels, const acc_t* boxes, const i
     t.ulabel.insert(t.ulabel.end(), sorted.begin(), sorted.end());
     t.ustart[b + 1] = static_cast<int64_t>(t.ulabel.size());
     t.max_u = std::max<int64_t>(t.max_u, static_cast<int64_t>(sorted.size()));
-    t.max_g = std::max<int64_t>(t.max_g, off[b + 1] - off[b]);
   }
   return t;
 }
 
 // Tile boundaries of tasks of about equal work. A query of image b costs about C / 16 (finiteness
-// check), 4 per distinct class (vectorised transcendentals) and 2 per GT (pair cost, transpose).
+// check), 4 per distinct class (vectorised transcendentals) and 2 per GT (pair cost).
 template <typename acc_t>
 std::vector<int64_t> split_tiles(const GtTable<acc_t>& gt, const int64_t* off, int64_t B,
                                  int64_t Q, int64_t C, int64_t tiles_per_image) {
@@ -397,7 +364,7 @@ at::Tensor matching_cost_cpu(const at::Tensor& pred_logits, const at::Tensor& pr
   check_offsets(off, sz.B, sz.sumG);
 
   at::Tensor out = at::empty({sz.Q * sz.sumG}, pred_logits.options().dtype(acc_type));
-  const Isa isa = pick_isa();
+  const Isa isa = matching::pick_isa();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, logits.scalar_type(), "matching_cost_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
@@ -424,7 +391,7 @@ at::Tensor matching_cost_cpu(const at::Tensor& pred_logits, const at::Tensor& pr
         std::atomic<bool> all_finite{true};
         // parallel_for hands each thread a contiguous run of tasks of equal work.
         at::parallel_for(0, n_tasks, 1, [&](int64_t tb, int64_t te) {
-          Scratch<acc_t> scratch(gt.max_u, gt.max_g);
+          Scratch<acc_t> scratch(gt.max_u);
           bool ok = true;
           for (int64_t t = tb; t < te; ++t) {
             ok &= run_tiles<scalar_t, acc_t>(isa, a, bounds[t], bounds[t + 1], scratch);

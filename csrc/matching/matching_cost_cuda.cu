@@ -1,8 +1,9 @@
 // CUDA launcher of the DETR matching cost.
 //
-// One thread per (image, query, GT) pair of the flat output, each image against its own GT only
-// (the image of an output element is found by a binary search in gt_offsets, so no cross-image
-// [B*Q, sumG] matrix is ever formed). The per-pair math is matching_cost_math.h, shared with the
+// One thread per (GT, query) pair of the flat output, each image's queries against its own GT
+// only (the image of a GT is found by a binary search in gt_offsets, so no cross-image
+// [B*Q, sumG] matrix is ever formed). Consecutive threads take consecutive queries of one GT, so
+// the output writes are coalesced. The per-pair math is matching_cost_math.h, shared with the
 // CPU launcher.
 //
 // Data-dependent validation (non-finite predictions or GT boxes, labels outside [0, C),
@@ -100,25 +101,21 @@ __global__ void matching_cost_kernel(const scalar_t* __restrict__ logits,
   const int64_t total = Q * sumG;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    // Image b holds outputs [Q * offsets[b], Q * offsets[b + 1]): find the last b with
-    // offsets[b] <= i / Q (empty images have offsets[b] == offsets[b + 1] and are skipped).
-    const int64_t col = i / Q;
-    int64_t lo = 0, hi = B;  // invariant: offsets[lo] <= col < offsets[hi]
+    // Output i is (GT g, query q) with i = g * Q + q (image blocks are GT-major and laid end
+    // to end). The image of GT g is the last b with offsets[b] <= g; empty images have
+    // offsets[b] == offsets[b + 1] and are skipped by the search.
+    const int64_t g = i / Q;
+    const int64_t q = i - g * Q;
+    int64_t lo = 0, hi = B;  // invariant: offsets[lo] <= g < offsets[hi]
     while (hi - lo > 1) {
       const int64_t mid = (lo + hi) / 2;
-      if (offsets[mid] <= col) {
+      if (offsets[mid] <= g) {
         lo = mid;
       } else {
         hi = mid;
       }
     }
-    const int64_t b = lo;
-    const int64_t g0 = offsets[b];
-    const int64_t G = offsets[b + 1] - g0;
-    const int64_t local = i - Q * g0;
-    const int64_t q = local / G;
-    const int64_t g = g0 + (local - q * G);
-    const int64_t row = b * Q + q;
+    const int64_t row = lo * Q + q;
 
     const acc_t logit = static_cast<acc_t>(logits[row * C + labels[g]]);
     const acc_t* pb = pboxes + row * 4;

@@ -9,7 +9,9 @@
 //   pred_logits (B, Q, C) floating, pred_boxes (B, Q, 4) floating, normalised cxcywh
 //   gt_labels (sumG,) int64 in [0, C), gt_boxes (sumG, 4) floating cxcywh: all images' GT,
 //   concatenated; gt_offsets (B + 1,) int64, the exclusive cumsum of the per-image GT counts.
-//   -> (Q * sumG,) holding image b's (Q, G_b) cost block, row-major, at offset Q * gt_offsets[b].
+//   -> (Q * sumG,) holding image b's cost block at offset Q * gt_offsets[b], GT-major: (G_b, Q)
+//   row-major, i.e. element g * Q + q of the block is the cost of query q for GT g. (GT-major
+//   because the assignment solver scans one GT's costs over all queries.)
 // Each image is scored against its own GT only (no [B*Q, sumG] cross-image matrix). Non-finite
 // predictions or GT boxes, labels out of range and inconsistent offsets raise. No autograd.
 TORCH_LIBRARY_FRAGMENT(align_detr, m) {
