@@ -226,6 +226,9 @@ class DeformableTransformer(nn.Module):
         for m in self.modules():
             if isinstance(m, MSDeformAttn):
                 m.reset_parameters()
+        if self.query_generator is not None and hasattr(self.query_generator, "point_heads"):
+            for head in self.query_generator.point_heads:  # keep the points on the box centres
+                nn.init.zeros_(head.layers[-1].weight)
         nn.init.normal_(self.level_embed)
         if self.tgt_embed is not None:
             nn.init.normal_(self.tgt_embed.weight)
@@ -295,8 +298,8 @@ class DeformableTransformer(nn.Module):
         }
         if self.query_generator is None:
             out["tgt"] = self.tgt_embed.weight[None, :k].expand(memory.shape[0], -1, -1)
-        else:
-            out["tgt"] = self.query_generator(enc, coords_sel.detach().sigmoid())
+        else:  # SD-DETR: one content query per stream, sampled inside each proposal
+            out["tgt"] = self.query_generator(enc, coords_sel.detach().sigmoid(), gather(output_memory))
         return out
 
     def decode(self, tgt, ref_unact, enc, box_heads, self_attn_mask=None):
