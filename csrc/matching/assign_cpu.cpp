@@ -26,7 +26,7 @@
 #include <limits>
 #include <vector>
 
-#include "cpu_isa.h"
+#include "../cpu_isa.h"
 #include "lsap.h"
 
 // assign_batch(cost, offsets, num_queries, k) -> (rows, cols, pair_offsets)
@@ -123,13 +123,13 @@ ALIGN_DETR_TARGET_AVX512 void solve_image_avx512(const T* block, int64_t Q, int6
 #endif
 
 template <typename T>
-void run_image(matching::Isa isa, const T* block, int64_t Q, int64_t G, int64_t k, Lsap& w,
+void run_image(cpu::Isa isa, const T* block, int64_t Q, int64_t G, int64_t k, Lsap& w,
                std::vector<T>& ct, int64_t* rows, int64_t* cols) {
 #ifdef ALIGN_DETR_X86_MULTIVERSION
-  if (isa == matching::Isa::kAvx512) {
+  if (isa == cpu::Isa::kAvx512) {
     return solve_image_avx512<T>(block, Q, G, k, w, ct, rows, cols);
   }
-  if (isa == matching::Isa::kAvx2) return solve_image_avx2<T>(block, Q, G, k, w, ct, rows, cols);
+  if (isa == cpu::Isa::kAvx2) return solve_image_avx2<T>(block, Q, G, k, w, ct, rows, cols);
 #endif
   solve_image<T>(block, Q, G, k, w, ct, rows, cols);
 }
@@ -175,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> assign_batch_cpu(const at::Tensor
   at::Tensor cols = at::empty({po[B]}, offsets.options());
   int64_t* rp = rows.data_ptr<int64_t>();
   int64_t* cp = cols.data_ptr<int64_t>();
-  const matching::Isa isa = matching::pick_isa();
+  const cpu::Isa isa = cpu::pick_isa();
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "assign_batch_cpu", [&] {
     const scalar_t* data = c.const_data_ptr<scalar_t>();
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {

@@ -9,7 +9,7 @@
 #include <limits>
 #include <vector>
 
-#include "cpu_isa.h"
+#include "../cpu_isa.h"
 
 namespace align_detr {
 namespace matching {

@@ -31,7 +31,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu_isa.h"
+#include "../cpu_isa.h"
 #include "matching_cost.h"
 #include "matching_cost_math.h"
 
@@ -39,7 +39,7 @@ namespace align_detr {
 namespace {
 
 using matching::Box;
-using matching::Isa;
+using cpu::Isa;
 
 constexpr int64_t kTile = 64;  // queries per tile
 
@@ -364,7 +364,7 @@ at::Tensor matching_cost_cpu(const at::Tensor& pred_logits, const at::Tensor& pr
   check_offsets(off, sz.B, sz.sumG);
 
   at::Tensor out = at::empty({sz.Q * sz.sumG}, pred_logits.options().dtype(acc_type));
-  const Isa isa = matching::pick_isa();
+  const Isa isa = cpu::pick_isa();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, logits.scalar_type(), "matching_cost_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;

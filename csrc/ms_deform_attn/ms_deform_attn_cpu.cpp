@@ -18,15 +18,9 @@
 #include <type_traits>
 #include <vector>
 
+#include "../cpu_isa.h"
 #include "ms_deform_attn.h"
 #include "ms_deform_attn_math.h"
-
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-#define ALIGN_DETR_X86_MULTIVERSION 1
-#define ALIGN_DETR_ALWAYS_INLINE __attribute__((always_inline)) inline
-#else
-#define ALIGN_DETR_ALWAYS_INLINE inline
-#endif
 
 namespace align_detr {
 namespace {
@@ -188,32 +182,10 @@ ALIGN_DETR_ALWAYS_INLINE void backward_tasks(const Args<scalar_t>& a,
 
 // ---- instruction-set variants -------------------------------------------------------------
 
-enum class Isa { kBaseline, kAvx2, kAvx512 };
-
-// The widest variant this CPU runs; ALIGN_DETR_CPU_ISA=baseline|avx2|avx512 narrows it (tests
-// use this to check every variant against the reference).
-Isa pick_isa() {
-#ifdef ALIGN_DETR_X86_MULTIVERSION
-  Isa best = Isa::kBaseline;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
-  if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw")) {
-    best = Isa::kAvx512;
-  }
-  const char* env = std::getenv("ALIGN_DETR_CPU_ISA");
-  if (env != nullptr) {
-    if (std::strcmp(env, "baseline") == 0) return Isa::kBaseline;
-    if (std::strcmp(env, "avx2") == 0 && best != Isa::kBaseline) return Isa::kAvx2;
-  }
-  return best;
-#else
-  return Isa::kBaseline;
-#endif
-}
+using cpu::Isa;
+using cpu::pick_isa;
 
 #ifdef ALIGN_DETR_X86_MULTIVERSION
-#define ALIGN_DETR_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#define ALIGN_DETR_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx2,fma")))
 
 template <typename scalar_t, int kD>
 ALIGN_DETR_TARGET_AVX2 void forward_rows_avx2(const Args<scalar_t>& a, scalar_t* out, int64_t b,

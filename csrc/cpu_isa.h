@@ -1,6 +1,6 @@
-// Run-time choice of the x86 instruction set for the CPU loops of the matching ops (the same
-// scheme as ms_deform_attn_cpu.cpp): the hot loops are compiled for AVX-512, AVX2 and baseline
-// x86-64 through target attributes, and the widest variant this CPU runs is called.
+// Run-time choice of the x86 instruction set for the CPU loops of every op: the hot loops are
+// compiled for AVX-512, AVX2 and baseline x86-64 through target attributes, and the widest
+// variant this CPU runs is called.
 // ALIGN_DETR_CPU_ISA=baseline|avx2 narrows it (the tests check every variant).
 #pragma once
 
@@ -17,7 +17,7 @@
 #endif
 
 namespace align_detr {
-namespace matching {
+namespace cpu {
 
 enum class Isa { kBaseline, kAvx2, kAvx512 };
 
@@ -40,5 +40,5 @@ inline Isa pick_isa() {
 #endif
 }
 
-}  // namespace matching
+}  // namespace cpu
 }  // namespace align_detr
