@@ -43,20 +43,37 @@ def has_cuda_kernels() -> bool:
 
 def _check_msda_shapes(value, spatial_shapes, level_start_index, loc, attn):
     # Data-independent part of the C++ validation, so traced graphs fail as eagerly would.
-    torch._check(value.dim() == 4, lambda: f"ms_deform_attn: value must be (N, S, M, D), got {tuple(value.shape)}")
-    torch._check(loc.dim() == 6, lambda: "ms_deform_attn: sampling_locations must be (N, Lq, M, L, P, 2)")
-    torch._check(attn.dim() == 5, lambda: "ms_deform_attn: attention_weights must be (N, Lq, M, L, P)")
-    torch._check(spatial_shapes.dim() == 2 and level_start_index.dim() == 1,
-                 lambda: "ms_deform_attn: spatial_shapes must be (L, 2) and level_start_index (L,)")
+    torch._check(
+        value.dim() == 4,
+        lambda: f"ms_deform_attn: value must be (N, S, M, D), got {tuple(value.shape)}",
+    )
+    torch._check(
+        loc.dim() == 6, lambda: "ms_deform_attn: sampling_locations must be (N, Lq, M, L, P, 2)"
+    )
+    torch._check(
+        attn.dim() == 5, lambda: "ms_deform_attn: attention_weights must be (N, Lq, M, L, P)"
+    )
+    torch._check(
+        spatial_shapes.dim() == 2 and level_start_index.dim() == 1,
+        lambda: "ms_deform_attn: spatial_shapes must be (L, 2) and level_start_index (L,)",
+    )
     n, _, m, _ = value.shape
     lq, levels, points = loc.shape[1], spatial_shapes.shape[0], loc.shape[4]
-    torch._check(tuple(loc.shape) == (n, lq, m, levels, points, 2),
-                 lambda: f"ms_deform_attn: sampling_locations shape {tuple(loc.shape)} does not match value {tuple(value.shape)}")
-    torch._check(tuple(attn.shape) == (n, lq, m, levels, points),
-                 lambda: f"ms_deform_attn: attention_weights shape {tuple(attn.shape)} does not match")
+    torch._check(
+        tuple(loc.shape) == (n, lq, m, levels, points, 2),
+        lambda: f"ms_deform_attn: sampling_locations shape {tuple(loc.shape)} does not match value {tuple(value.shape)}",
+    )
+    torch._check(
+        tuple(attn.shape) == (n, lq, m, levels, points),
+        lambda: f"ms_deform_attn: attention_weights shape {tuple(attn.shape)} does not match",
+    )
     for name, t in (("sampling_locations", loc), ("attention_weights", attn)):
-        torch._check(t.dtype == value.dtype, lambda: f"ms_deform_attn: {name} must have value's dtype")
-        torch._check(t.device == value.device, lambda: f"ms_deform_attn: {name} must be on value's device")
+        torch._check(
+            t.dtype == value.dtype, lambda: f"ms_deform_attn: {name} must have value's dtype"
+        )
+        torch._check(
+            t.device == value.device, lambda: f"ms_deform_attn: {name} must be on value's device"
+        )
 
 
 def _register_python_parts():

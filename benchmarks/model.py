@@ -62,7 +62,12 @@ def measure(config, size, repeat, mode, opts):
     times = sorted(times[1:])  # first run is warm-up
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     params = sum(p.numel() for p in model.parameters())
-    return {"mode": mode, "median_s": times[len(times) // 2], "peak_rss_mb": peak_mb, "params": params}
+    return {
+        "mode": mode,
+        "median_s": times[len(times) // 2],
+        "peak_rss_mb": peak_mb,
+        "params": params,
+    }
 
 
 def run(config=None, size=512, repeat=3, opts=()):
@@ -70,8 +75,19 @@ def run(config=None, size=512, repeat=3, opts=()):
     config = config or os.path.join(ROOT, "configs", "dino_r50.yaml")
     rows = []
     for mode in ("inference", "train_step"):
-        cmd = [sys.executable, __file__, "--config", config, "--size", str(size), "--repeat",
-               str(repeat), "--child", mode, *opts]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--config",
+            config,
+            "--size",
+            str(size),
+            "--repeat",
+            str(repeat),
+            "--child",
+            mode,
+            *opts,
+        ]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     return rows

@@ -109,7 +109,9 @@ def run(quick=False):
             (f"DINO encoder (Lq=S={s})", DINO_LEVELS, s, True),
             ("DINO decoder (Lq=900)", DINO_LEVELS, 900, False),
         ]
-    rows = [bench_case(name, lv, lq, enc, repeat=3 if not quick else 5) for name, lv, lq, enc in cases]
+    rows = [
+        bench_case(name, lv, lq, enc, repeat=3 if not quick else 5) for name, lv, lq, enc in cases
+    ]
     return rows, machine
 
 

@@ -22,8 +22,12 @@ def dense_align_loss(logits, pos_query, pos_label, pos_iou, pos_weight, alpha, g
     pos = {(int(q), int(c)): i for i, (q, c) in enumerate(zip(pos_query, pos_label))}
     for qi in range(x.shape[0]):
         for ci in range(x.shape[1]):
-            log_p = -math.log1p(math.exp(-x[qi, ci].item())) if x[qi, ci] > -30 else x[qi, ci].item()
-            log_1mp = -math.log1p(math.exp(x[qi, ci].item())) if x[qi, ci] < 30 else -x[qi, ci].item()
+            log_p = (
+                -math.log1p(math.exp(-x[qi, ci].item())) if x[qi, ci] > -30 else x[qi, ci].item()
+            )
+            log_1mp = (
+                -math.log1p(math.exp(x[qi, ci].item())) if x[qi, ci] < 30 else -x[qi, ci].item()
+            )
             if (qi, ci) in pos:
                 i = pos[(qi, ci)]
                 t = max(p[qi, ci].item() ** alpha * float(pos_iou[i]) ** (1 - alpha), 0.01)
@@ -50,7 +54,9 @@ def test_align_loss_matches_dense_reference_including_extreme_logits():
 
 def test_align_loss_gradients_are_finite_and_target_is_detached():
     logits = torch.tensor([[50.0, -50.0, 0.3], [-2.0, 1.0, 50.0]], requires_grad=True)
-    loss = align_cls_loss(logits, torch.tensor([0, 1]), torch.tensor([1, 2]), torch.tensor([0.5, 1.0]))
+    loss = align_cls_loss(
+        logits, torch.tensor([0, 1]), torch.tensor([1, 2]), torch.tensor([0.5, 1.0])
+    )
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
     # with IoU = 1 and alpha = 0 the target is 1: the positive entry is plain BCE towards 1
@@ -90,8 +96,10 @@ class RecordingMatcher(torch.nn.Module):
 
 def align_model(k_enc_and_aux=2):
     cfg = tiny_cfg(
-        "MODEL.ALIGN_DETR.LOSS.TYPE", "align",
-        "MODEL.ALIGN_DETR.LOSS.MATCH_K", f"[{k_enc_and_aux}, {k_enc_and_aux}, 1]",
+        "MODEL.ALIGN_DETR.LOSS.TYPE",
+        "align",
+        "MODEL.ALIGN_DETR.LOSS.MATCH_K",
+        f"[{k_enc_and_aux}, {k_enc_and_aux}, 1]",
     )
     return build_model(cfg).train()
 
@@ -119,7 +127,10 @@ def test_k_is_capped_per_image_only():
     torch.manual_seed(0)
     model = align_model()
     model.criterion.matcher = recorder = RecordingMatcher(model.criterion.matcher)
-    many = [(5 + 8 * (i % 5), 5 + 24 * (i // 5), 12 + 8 * (i % 5), 20 + 24 * (i // 5)) for i in range(15)]
+    many = [
+        (5 + 8 * (i % 5), 5 + 24 * (i // 5), 12 + 8 * (i % 5), 20 + 24 * (i // 5))
+        for i in range(15)
+    ]
     img = synthetic_image(boxes=())
     losses = model([batched_input(img, many), batched_input(img, [(30, 30, 90, 90)])])
     assert all(torch.isfinite(v) for v in losses.values())

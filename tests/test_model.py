@@ -70,7 +70,10 @@ def test_dn_groups_do_not_influence_matching_queries():
     inputs = [batched_input(img, BOXES, [0, 1])]
     images, mask = model.preprocess_image(inputs)
     srcs = model.neck(model.backbone(images.tensor))
-    masks = [torch.nn.functional.interpolate(mask[None].float(), size=s.shape[-2:])[0].bool() for s in srcs]
+    masks = [
+        torch.nn.functional.interpolate(mask[None].float(), size=s.shape[-2:])[0].bool()
+        for s in srcs
+    ]
     pos = [model.position_embedding(m) for m in masks]
     t = model.transformer
     enc = t.encode(srcs, masks, pos)
@@ -83,7 +86,9 @@ def test_dn_groups_do_not_influence_matching_queries():
 
     def run(dn_content):
         tgt = torch.cat([dn_content, sel["tgt"]], 1)
-        hidden, _ = t.decode(tgt, torch.cat([ref, sel["ref_unact"]], 1), enc, model.box_heads, attn_mask)
+        hidden, _ = t.decode(
+            tgt, torch.cat([ref, sel["ref_unact"]], 1), enc, model.box_heads, attn_mask
+        )
         return hidden[-1]
 
     with torch.no_grad():

@@ -17,7 +17,12 @@ from model_utils import ROOT, batched_input, synthetic_image, tiny_cfg
 from test_train_net import run, tiny_dataset  # noqa: F401  (fixture)
 
 BOXES = ((20, 30, 70, 90), (80, 10, 120, 60))
-SD = ("MODEL.ALIGN_DETR.DECODER.DECOUPLED", "True", "MODEL.ALIGN_DETR.DECODER.TASK_AWARE_QUERIES", "True")
+SD = (
+    "MODEL.ALIGN_DETR.DECODER.DECOUPLED",
+    "True",
+    "MODEL.ALIGN_DETR.DECODER.TASK_AWARE_QUERIES",
+    "True",
+)
 
 
 def count(module):
@@ -143,7 +148,9 @@ def test_tal_matches_independent_formula():
     pq, pl = torch.tensor([0, 1, 3]), torch.tensor([2, 2, 0])
     iou = torch.tensor([0.3, 0.9, 0.6], dtype=torch.float64)
     ours = tal_cls_loss(logits, pq, pl, iou, None, 2.0, 2.0)
-    torch.testing.assert_close(ours, dense_tal(logits, pq, pl, iou, 2.0, 2.0), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        ours, dense_tal(logits, pq, pl, iou, 2.0, 2.0), rtol=1e-10, atol=1e-10
+    )
     x = logits.clone().requires_grad_()
     tal_cls_loss(x, pq, pl, iou).backward()
     assert torch.isfinite(x.grad).all()
@@ -154,14 +161,26 @@ def test_task_aware_queries_need_the_decoupled_decoder():
         build_model(tiny_cfg("MODEL.ALIGN_DETR.DECODER.TASK_AWARE_QUERIES", "True"))
 
 
-def test_decoupled_model_trains_and_evaluates_through_train_net(tiny_dataset, tmp_path):  # noqa: F811
+def test_decoupled_model_trains_and_evaluates_through_train_net(
+    tiny_dataset, tmp_path
+):  # noqa: F811
     out_dir = str(tmp_path / "out")
     base = ["--config-file", os.path.join(ROOT, "configs", "tiny_test.yaml")]
     opts = [
-        "DATASETS.TRAIN", f"('{tiny_dataset}',)", "DATASETS.TEST", f"('{tiny_dataset}',)",
-        "MODEL.ALIGN_DETR.NUM_CLASSES", "2", "MODEL.ALIGN_DETR.LOSS.TYPE", "tal", "OUTPUT_DIR", out_dir,
+        "DATASETS.TRAIN",
+        f"('{tiny_dataset}',)",
+        "DATASETS.TEST",
+        f"('{tiny_dataset}',)",
+        "MODEL.ALIGN_DETR.NUM_CLASSES",
+        "2",
+        "MODEL.ALIGN_DETR.LOSS.TYPE",
+        "tal",
+        "OUTPUT_DIR",
+        out_dir,
         *SD,
     ]
     run(base + opts)
-    res = run(base + ["--eval-only"] + opts + ["MODEL.WEIGHTS", os.path.join(out_dir, "model_final.pth")])
+    res = run(
+        base + ["--eval-only"] + opts + ["MODEL.WEIGHTS", os.path.join(out_dir, "model_final.pth")]
+    )
     assert 0.0 <= res["bbox"]["AP"] <= 100.0

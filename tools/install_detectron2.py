@@ -30,9 +30,21 @@ def main() -> int:
     site = sysconfig.get_paths()["purelib"]
     with tempfile.TemporaryDirectory() as tmp:
         target = os.path.join(tmp, "target")
-        cmd = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-               "--no-deps", "--only-binary=:all:", "--python-version", "3.10",
-               "--target", target, WHEEL]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            "3.10",
+            "--target",
+            target,
+            WHEEL,
+        ]
         subprocess.run(cmd, check=True)
         for name in ["detectron2", *map(os.path.basename, glob.glob(f"{target}/sal_detectron2*"))]:
             dst = os.path.join(site, name)

@@ -28,12 +28,12 @@ def paired_iou_and_giou(boxes1: torch.Tensor, boxes2: torch.Tensor):
     Returns:
         (iou, giou), each of shape (...).
     """
-    area1 = (boxes1[..., 2] - boxes1[..., 0]).clamp(min=0) * (boxes1[..., 3] - boxes1[..., 1]).clamp(
-        min=0
-    )
-    area2 = (boxes2[..., 2] - boxes2[..., 0]).clamp(min=0) * (boxes2[..., 3] - boxes2[..., 1]).clamp(
-        min=0
-    )
+    area1 = (boxes1[..., 2] - boxes1[..., 0]).clamp(min=0) * (
+        boxes1[..., 3] - boxes1[..., 1]
+    ).clamp(min=0)
+    area2 = (boxes2[..., 2] - boxes2[..., 0]).clamp(min=0) * (
+        boxes2[..., 3] - boxes2[..., 1]
+    ).clamp(min=0)
     lt = torch.max(boxes1[..., :2], boxes2[..., :2])
     rb = torch.min(boxes1[..., 2:], boxes2[..., 2:])
     wh = (rb - lt).clamp(min=0)

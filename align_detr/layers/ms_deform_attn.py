@@ -68,7 +68,9 @@ def ms_deform_attn_grid_sample(
         # (N, H*W, M, D) -> (N*M, D, H, W)
         v = value.split(sizes, dim=1)[lvl].flatten(2).transpose(1, 2).reshape(n * m, d, h, w)
         g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (N*M, Lq, P, 2)
-        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
+        sampled.append(
+            F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)
+        )
     weights = attention_weights.transpose(1, 2).reshape(n * m, 1, lq, levels * points)
     out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)  # (N*M, D, Lq)
     return out.view(n, m * d, lq).transpose(1, 2).contiguous()
@@ -149,7 +151,9 @@ class MSDeformAttn(nn.Module):
         _, s, _ = input_flatten.shape
         m, lv, p = self.n_heads, self.n_levels, self.n_points
         if spatial_shapes.shape[0] != lv:
-            raise ValueError(f"expected {lv} levels, got spatial_shapes {tuple(spatial_shapes.shape)}")
+            raise ValueError(
+                f"expected {lv} levels, got spatial_shapes {tuple(spatial_shapes.shape)}"
+            )
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
@@ -160,10 +164,9 @@ class MSDeformAttn(nn.Module):
         if reference_points.shape[-1] == 2:
             # offsets are in pixels of each level: normalise by (W, H)
             normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)
-            locations = (
-                reference_points[:, :, None, :, None, :]
-                + offsets / normalizer[None, None, None, :, None, :].to(offsets.dtype)
-            )
+            locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[
+                None, None, None, :, None, :
+            ].to(offsets.dtype)
         elif reference_points.shape[-1] == 4:
             locations = (
                 reference_points[:, :, None, :, None, :2]

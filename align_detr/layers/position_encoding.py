@@ -15,7 +15,9 @@ class PositionEmbeddingSine(nn.Module):
         offset: added to the cumulative position before normalisation (-0.5 = pixel centres).
     """
 
-    def __init__(self, num_pos_feats: int = 128, temperature: float = 10000.0, offset: float = -0.5):
+    def __init__(
+        self, num_pos_feats: int = 128, temperature: float = 10000.0, offset: float = -0.5
+    ):
         super().__init__()
         self.num_pos_feats = num_pos_feats
         self.temperature = temperature
@@ -37,7 +39,9 @@ class PositionEmbeddingSine(nn.Module):
         y_embed = (y_embed + self.offset) / (y_embed[:, -1:, :] + eps) * self.scale
         x_embed = (x_embed + self.offset) / (x_embed[:, :, -1:] + eps) * self.scale
         dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=mask.device)
-        dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats)
+        dim_t = self.temperature ** (
+            2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats
+        )
         pos_x = x_embed[..., None] / dim_t
         pos_y = y_embed[..., None] / dim_t
         pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)

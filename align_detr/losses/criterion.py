@@ -90,13 +90,17 @@ class SetCriterion(nn.Module):
         logits, boxes = out["pred_logits"], out["pred_boxes"]
         b, q, c = logits.shape
         device = logits.device
-        batch_idx = torch.cat(
-            [torch.full_like(src, i) for i, (src, _) in enumerate(indices)]
-        ).to(device)
+        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(
+            device
+        )
         query_idx = torch.cat([src for src, _ in indices]).to(device)
         gt_idx = torch.cat([tgt for _, tgt in indices]).to(device)
-        labels = torch.cat([t["labels"][j.to(t["labels"].device)] for t, (_, j) in zip(targets, indices)]).to(device)
-        gt_boxes = torch.cat([t["boxes"][j.to(t["boxes"].device)] for t, (_, j) in zip(targets, indices)]).to(device)
+        labels = torch.cat(
+            [t["labels"][j.to(t["labels"].device)] for t, (_, j) in zip(targets, indices)]
+        ).to(device)
+        gt_boxes = torch.cat(
+            [t["boxes"][j.to(t["boxes"].device)] for t, (_, j) in zip(targets, indices)]
+        ).to(device)
         # GT ids unique across the batch, for grouping the positives of each GT
         offsets = torch.cumsum(torch.tensor([0] + [len(t["labels"]) for t in targets[:-1]]), 0)
         group = gt_idx + offsets.to(device)[batch_idx] if len(targets) else gt_idx
@@ -120,7 +124,9 @@ class SetCriterion(nn.Module):
                 flat_logits, flat_query, labels, iou, weight, self.alpha, self.gamma, normalizer
             )
         else:
-            loss_class = tal_cls_loss(flat_logits, flat_query, labels, iou, weight, self.gamma, normalizer)
+            loss_class = tal_cls_loss(
+                flat_logits, flat_query, labels, iou, weight, self.gamma, normalizer
+            )
         loss_bbox = (weight * (pred - gt_boxes).abs().sum(-1)).sum() / normalizer
         loss_giou = (weight * (1 - giou)).sum() / normalizer
         return {

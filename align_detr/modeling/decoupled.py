@@ -126,7 +126,9 @@ class TaskAwareQueryGenerator(nn.Module):
         n, s, d = memory.shape
         value = memory.view(n, s, 1, d)  # one "head" holding all channels
         k = boxes.shape[1]
-        weights = memory.new_full((n, k, 1, self.n_levels, self.num_points), 1.0 / (self.n_levels * self.num_points))
+        weights = memory.new_full(
+            (n, k, 1, self.n_levels, self.num_points), 1.0 / (self.n_levels * self.num_points)
+        )
         queries = []
         for stream in range(2):
             pts = self.points(token_features, boxes, stream)  # (N, K, M, 2)

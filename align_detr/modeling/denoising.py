@@ -81,7 +81,10 @@ def build_denoising_queries(
         boxes = t["boxes"].to(device).repeat(2 * groups, 1)
         negative = torch.arange(2 * groups, device=device).repeat_interleave(g) % 2 == 1
         if label_noise_ratio > 0:
-            flip = torch.rand(labels.shape, device=device, generator=generator) < label_noise_ratio * 0.5
+            flip = (
+                torch.rand(labels.shape, device=device, generator=generator)
+                < label_noise_ratio * 0.5
+            )
             random_labels = torch.randint(
                 0, num_classes, labels.shape, device=device, generator=generator
             )
@@ -94,10 +97,9 @@ def build_denoising_queries(
             part = part + negative[:, None].float()  # negatives: between 1 and 2 half-sizes
             xyxy = (xyxy + sign * part * half * box_noise_scale).clamp(0.0, 1.0)
             boxes = box_xyxy_to_cxcywh(xyxy)
-        slots = (
-            torch.arange(2 * groups, device=device).repeat_interleave(g) * max_gt
-            + torch.arange(g, device=device).repeat(2 * groups)
-        )
+        slots = torch.arange(2 * groups, device=device).repeat_interleave(
+            g
+        ) * max_gt + torch.arange(g, device=device).repeat(2 * groups)
         content[b, slots] = label_embed(labels)
         ref_unact[b, slots] = inverse_sigmoid(boxes)
     total = pad + num_matching_queries

@@ -288,7 +288,9 @@ class DeformableTransformer(nn.Module):
         # invalid tokens (padding, proposals off the image) are never selected when avoidable
         scores = logits.max(-1)[0].masked_fill(~valid, -1e4)
         topk_index = scores.topk(k, dim=1)[1]  # (N, K)
-        gather = lambda t: torch.gather(t, 1, topk_index[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
+        gather = lambda t: torch.gather(
+            t, 1, topk_index[..., None].expand(-1, -1, t.shape[-1])
+        )  # noqa: E731
         coords_sel = gather(coords_unact)
         out = {
             "enc_logits": gather(logits),
@@ -299,7 +301,9 @@ class DeformableTransformer(nn.Module):
         if self.query_generator is None:
             out["tgt"] = self.tgt_embed.weight[None, :k].expand(memory.shape[0], -1, -1)
         else:  # SD-DETR: one content query per stream, sampled inside each proposal
-            out["tgt"] = self.query_generator(enc, coords_sel.detach().sigmoid(), gather(output_memory))
+            out["tgt"] = self.query_generator(
+                enc, coords_sel.detach().sigmoid(), gather(output_memory)
+            )
         return out
 
     def decode(self, tgt, ref_unact, enc, box_heads, self_attn_mask=None):
