@@ -68,6 +68,12 @@ class AtomicCheckpointer(DetectionCheckpointer):
             return super().tag_last_checkpoint(last_filename_basename)
         atomic_write(save_file, lambda f: f.write(last_filename_basename), mode="w")
 
+    def load(self, path, *args, **kwargs):
+        try:
+            return super().load(path, *args, **kwargs)
+        finally:
+            self._parsed_url_during_load = None  # detectron2 leaves it set when loading fails
+
     def _load_file(self, filename):
         try:
             loaded = super()._load_file(filename)
@@ -96,9 +102,10 @@ class AtomicCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint):
         model_keys = set(self.model.state_dict().keys())
-        incompatible = super()._load_model(checkpoint)
-        # fvcore drops the entries of the wrong shape from checkpoint["model"].
-        loaded = model_keys & set(checkpoint["model"].keys())
+        incompatible = super()._load_model(checkpoint)  # pops checkpoint["model"]
+        bad_shapes = {k for k, _, _ in incompatible.incorrect_shapes}
+        loaded = model_keys - set(incompatible.missing_keys) - bad_shapes
+        loaded -= {"pixel_mean", "pixel_std"}  # detectron2 drops these from missing_keys
         if model_keys and not loaded:
             raise CheckpointLoadError(
                 f"Checkpoint {getattr(self, '_loading_file', '?')} holds no weight of this model "

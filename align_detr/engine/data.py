@@ -406,6 +406,9 @@ def build_resumable_train_loader(cfg, mapper: Callable, dataset=None):
         collate_fn=_collate_batch,
         num_workers=workers,
         persistent_workers=False,
+        # Its own generator: creating the iterator draws a seed from it, never from the global
+        # RNG that the training step uses (the step's draws then do not depend on a restart).
+        generator=torch.Generator().manual_seed(seed),
         prefetch_factor=2 if workers > 0 else None,
     )
     logger.info(

@@ -117,8 +117,8 @@ class ResumeStateHook(HookBase):
       (``cfg.SEED``, or a shared random one) and is saved in the checkpoint.
     * The recent history of the event storage is saved, and restored on resume, so smoothed
       values in ``metrics.json`` and the console continue exactly.
-    * On resume, ``metrics.json`` lines of iterations after the checkpoint (written by the killed
-      run) are removed before the resumed run writes its own.
+    * On resume (``trainer.resume_requested``), ``metrics.json`` lines of iterations from the
+      start iteration on (written by the killed run) are removed before the resumed run writes.
     """
 
     def __init__(self, sampler: ResumableBatchSampler, output_dir: str, history: int = 200):
@@ -135,7 +135,7 @@ class ResumeStateHook(HookBase):
                 h._count, h._global_avg = buf["count"], buf["global_avg"]
                 storage._history[name] = h
             self._restored_storage = None
-        if start > 0 and comm.is_main_process():
+        if getattr(self.trainer, "resume_requested", False) and comm.is_main_process():
             _truncate_metrics(os.path.join(self._output_dir, "metrics.json"), start)
 
     def before_step(self):

@@ -259,6 +259,7 @@ class Trainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     def resume_or_load(self, resume=True):
+        self.resume_requested = resume
         if self.ema is not None:
             self.ema.loaded = False
         checkpoint = self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
