@@ -64,6 +64,9 @@ def worker(args, data_dir, writer_period, threads):
     cfg = train_net.setup(args)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
+    if comm.is_main_process() and not args.resume:
+        init = unwrap_model(trainer.model).state_dict()
+        torch.save(init, os.path.join(cfg.OUTPUT_DIR, "params_init.pth"))
     trainer.train()
     state = unwrap_model(trainer.model).state_dict()
     torch.save(state, os.path.join(cfg.OUTPUT_DIR, f"params_rank{comm.get_rank()}.pth"))

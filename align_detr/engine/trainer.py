@@ -244,6 +244,7 @@ class Trainer(DefaultTrainer):
         model = create_ddp_model(
             model,
             broadcast_buffers=False,
+            find_unused_parameters=_may_leave_parameters_unused(cfg),
             **({} if device.type == "cuda" else {"device_ids": None}),
         )
         trainer_type = _CheckedAMPTrainer if cfg.SOLVER.AMP.ENABLED else _CheckedSimpleTrainer
@@ -339,3 +340,9 @@ class Trainer(DefaultTrainer):
 
 def _ema_enabled(cfg) -> bool:
     return bool(cfg.MODEL.ALIGN_DETR.EMA.ENABLED)
+
+
+def _may_leave_parameters_unused(cfg) -> bool:
+    # The DN label embedding gets no gradient without DN, or in a batch without any box (kept
+    # when FILTER_EMPTY_ANNOTATIONS is off); DDP must then look for unused parameters.
+    return not cfg.MODEL.ALIGN_DETR.DN.ENABLED or not cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
