@@ -170,8 +170,10 @@ def main(args):
         ema = ModelEMA(model, cfg.MODEL.ALIGN_DETR.EMA.DECAY)
         if cfg.MODEL.ALIGN_DETR.EMA.ENABLED:
             checkpointer.add_checkpointable("ema", ema)
-        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        extra = checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         if cfg.MODEL.ALIGN_DETR.EMA.ENABLED:
+            if not ema.loaded and "ema" in extra:  # MODEL.WEIGHTS: checkpointables are not read
+                ema.load_state_dict(extra["ema"])
             if ema.loaded:
                 ema.copy_to(model)  # evaluate the EMA weights, as training's evaluations do
                 logging.getLogger("align_detr").info("Evaluating the EMA weights")
