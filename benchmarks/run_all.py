@@ -42,7 +42,9 @@ def collect(size: int = 512, skip_model: bool = False):
     msda_rows, machine = ms_deform_attn.run(quick=False)
     for r in msda_rows:
         note = f"{r['fwd_gflops']:.1f} GFLOP/s, max err {r['max_abs_err']:.1e}"
-        rows.append(("ms_deform_attn", f"{r['name']}, forward", r["ours_fwd_s"], r["ref_fwd_s"], note))
+        rows.append(
+            ("ms_deform_attn", f"{r['name']}, forward", r["ours_fwd_s"], r["ref_fwd_s"], note)
+        )
         rows.append(
             ("ms_deform_attn", f"{r['name']}, fwd+bwd", r["ours_fwdbwd_s"], r["ref_fwdbwd_s"], "")
         )
@@ -53,7 +55,15 @@ def collect(size: int = 512, skip_model: bool = False):
     if not skip_model:
         for r in model.run(size=size, repeat=1):
             note = f"peak RSS {r['peak_rss_mb']:.0f} MB, {r['params'] / 1e6:.1f} M params"
-            rows.append(("model (DINO-R50)", f"{r['mode']}, 1 image {size}x{size}", r["median_s"], None, note))
+            rows.append(
+                (
+                    "model (DINO-R50)",
+                    f"{r['mode']}, 1 image {size}x{size}",
+                    r["median_s"],
+                    None,
+                    note,
+                )
+            )
     return rows, machine, time.time() - t0
 
 

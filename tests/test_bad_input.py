@@ -60,7 +60,9 @@ def _train(tmp_path, name, *opts):
 
 def test_image_record_missing_field(tmp_path, dataset):
     name = dataset(lambda coco, _: coco["images"][1].pop("height"))
-    with pytest.raises(DatasetValidationError, match=r"cannot be loaded .*lacks the field 'height'"):
+    with pytest.raises(
+        DatasetValidationError, match=r"cannot be loaded .*lacks the field 'height'"
+    ):
         _train(tmp_path, name)
 
 

@@ -61,7 +61,9 @@ def test_training_evaluates_and_saves_the_ema(tmp_path, monkeypatch):
     for k in weights:
         torch.testing.assert_close(seen[0][k].float(), ema[k])
 
-    args = train_driver.train_args(out, opts + ["MODEL.WEIGHTS", os.path.join(out, "model_final.pth")])
+    args = train_driver.train_args(
+        out, opts + ["MODEL.WEIGHTS", os.path.join(out, "model_final.pth")]
+    )
     args.eval_only = True
     seen.clear()
     train_net.main(args)

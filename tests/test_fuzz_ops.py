@@ -16,7 +16,9 @@ from model_utils import ROOT
 def test_ops_compute_or_raise_never_crash(seed):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, os.path.join(ROOT, "tests", "fuzz_ops.py"), "--seed", str(seed)]
-    res = subprocess.run(cmd + ["--cases", "300"], env=env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        cmd + ["--cases", "300"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 0, f"rc={res.returncode}\n{res.stdout}\n{res.stderr[-3000:]}"
     counts = {}
     for line in res.stdout.splitlines():

@@ -68,7 +68,11 @@ def derive_seed(*parts: int) -> int:
 def seeded_rng(seed: int):
     """Runs the block with numpy, Python and torch (CPU) RNGs seeded by ``seed``, then puts the
     previous states back, so the caller's random streams are left untouched."""
-    np_state, py_state, torch_state = np.random.get_state(), random.getstate(), torch.get_rng_state()
+    np_state, py_state, torch_state = (
+        np.random.get_state(),
+        random.getstate(),
+        torch.get_rng_state(),
+    )
     np.random.seed(seed % (1 << 32))
     random.seed(seed)
     torch.manual_seed(seed)  # also reseeds CUDA's default generators, which mappers do not use
@@ -247,7 +251,11 @@ def load_and_validate_dataset_dicts(
     if not all_dicts:
         raise DatasetValidationError(
             f"No training images with usable annotations left in {list(names)}"
-            + (" (DATALOADER.FILTER_EMPTY_ANNOTATIONS removed images without boxes)." if filter_empty else ".")
+            + (
+                " (DATALOADER.FILTER_EMPTY_ANNOTATIONS removed images without boxes)."
+                if filter_empty
+                else "."
+            )
         )
     return all_dicts
 
@@ -412,6 +420,9 @@ def build_resumable_train_loader(cfg, mapper: Callable, dataset=None):
         prefetch_factor=2 if workers > 0 else None,
     )
     logger.info(
-        "Resumable training loader: %d images, %d per process, seed %d", len(dataset), total // world, seed
+        "Resumable training loader: %d images, %d per process, seed %d",
+        len(dataset),
+        total // world,
+        seed,
     )
     return loader, sampler

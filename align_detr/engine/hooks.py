@@ -81,7 +81,9 @@ class ModelEMA:
     def copy_to(self, model: nn.Module) -> None:
         """Writes the EMA weights into ``model``."""
         module = unwrap_model(model)
-        module.load_state_dict({k: v.to(module.state_dict()[k].dtype) for k, v in self.state.items()})
+        module.load_state_dict(
+            {k: v.to(module.state_dict()[k].dtype) for k, v in self.state.items()}
+        )
 
     def state_dict(self) -> Dict:
         return {"decay": self.decay, "updates": self.updates, "state": self.state}
@@ -89,7 +91,9 @@ class ModelEMA:
     def load_state_dict(self, state: Dict) -> None:
         missing = set(self.state) - set(state["state"])
         if missing:
-            raise KeyError(f"EMA state lacks {len(missing)} weights of the model, e.g. {sorted(missing)[:3]}")
+            raise KeyError(
+                f"EMA state lacks {len(missing)} weights of the model, e.g. {sorted(missing)[:3]}"
+            )
         for k, v in state["state"].items():
             if k in self.state:
                 self.state[k].copy_(v)
@@ -180,5 +184,6 @@ def _truncate_metrics(path: str, start_iter: int) -> None:
             f.writelines(kept)
             f.truncate()
             logger.info(
-                "Removed %d metrics.json line(s) written after the checkpoint", len(lines) - len(kept)
+                "Removed %d metrics.json line(s) written after the checkpoint",
+                len(lines) - len(kept),
             )

@@ -115,7 +115,9 @@ class AlignDETR(nn.Module):
 
     def preprocess_image(self, batched_inputs):
         """Normalises and pads the images. Returns the ImageList and (N, H, W) padding masks."""
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        images = [
+            (x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs
+        ]
         images = ImageList.from_tensors(images, self.backbone.size_divisibility)
         n, _, h, w = images.tensor.shape
         mask = torch.ones(n, h, w, dtype=torch.bool, device=self.device)
@@ -169,7 +171,9 @@ class AlignDETR(nn.Module):
                 self.dn_box_noise,
                 self.num_classes,
                 self.label_embed,
-                num_matching_queries=tgt.shape[1] if not isinstance(tgt, tuple) else tgt[0].shape[1],
+                num_matching_queries=(
+                    tgt.shape[1] if not isinstance(tgt, tuple) else tgt[0].shape[1]
+                ),
             )
             if dn is not None:
                 dn_content, dn_ref, attn_mask, dn_meta = dn
