@@ -127,3 +127,41 @@ def test_train_net_rejects_truncated_weights(tmp_path):
 
     with pytest.raises(RuntimeError, match="Cannot read checkpoint .*model.pth"):
         train_net.main(args)
+
+
+def _toy_mapper(d):
+    # Random draws of all three kinds, as augmentations make them.
+    import random
+
+    import numpy as np
+
+    return {"id": d["image_id"], "np": float(np.random.rand()), "py": random.random(),
+            "torch": float(torch.rand(1))}  # fmt: skip
+
+
+def _batches(loader, n):
+    it = iter(loader)
+    return [[(x["id"], x["np"], x["py"], x["torch"]) for x in next(it)] for _ in range(n)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_stream_is_a_function_of_position(workers):
+    from model_utils import tiny_cfg
+
+    from align_detr.engine.data import build_resumable_train_loader
+
+    # Two aspect-ratio buckets (wide / tall), so the batches are not just consecutive images.
+    dataset = [{"file_name": f"{i}.png", "image_id": i, "height": 20, "width": 10 + 20 * (i % 3 == 0)}
+               for i in range(7)]  # fmt: skip
+    cfg = tiny_cfg("SEED", "3", "DATALOADER.NUM_WORKERS", "0")
+    loader, sampler = build_resumable_train_loader(cfg, _toy_mapper, dataset=dataset)
+    state = torch.get_rng_state()
+    full = _batches(loader, 10)
+    assert torch.equal(state, torch.get_rng_state())  # the caller's RNG is untouched
+    assert all(len({x[0] for x in b}) == 2 for b in full)
+    assert {x[0] for b in full for x in b} == set(range(7))  # epochs go on over the whole set
+
+    cfg = tiny_cfg("SEED", "3", "DATALOADER.NUM_WORKERS", str(workers))
+    loader, sampler = build_resumable_train_loader(cfg, _toy_mapper, dataset=dataset)
+    sampler.set_start(4)
+    assert _batches(loader, 6) == full[4:]  # same images, same augmentation draws

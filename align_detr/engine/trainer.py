@@ -234,10 +234,8 @@ class Trainer(DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
-        if isinstance(data_loader, tuple):
-            data_loader, self.train_sampler = data_loader
-        else:
-            self.train_sampler = None
+        # Exact resume needs the resumable loader; a subclass may return any detectron2 loader.
+        self.train_sampler = getattr(data_loader, "resumable_sampler", None)
 
         device = next(model.parameters()).device
         self.ema = ModelEMA(model, cfg.MODEL.ALIGN_DETR.EMA.DECAY) if _ema_enabled(cfg) else None
@@ -307,9 +305,14 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        """Returns ``(loader, sampler)``: see :func:`build_resumable_train_loader`. Images
-        without (non-crowd) boxes are dropped by ``DATALOADER.FILTER_EMPTY_ANNOTATIONS``."""
-        return build_resumable_train_loader(cfg, mapper=DetrDatasetMapper(cfg, is_train=True))
+        """The loader of :func:`build_resumable_train_loader` (its sampler is the loader's
+        ``resumable_sampler`` attribute). Images without (non-crowd) boxes are dropped by
+        ``DATALOADER.FILTER_EMPTY_ANNOTATIONS``."""
+        loader, sampler = build_resumable_train_loader(
+            cfg, mapper=DetrDatasetMapper(cfg, is_train=True)
+        )
+        loader.resumable_sampler = sampler
+        return loader
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
