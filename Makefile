@@ -1,6 +1,7 @@
 # align-detr: every set-up step a fresh machine needs lives here.
 #   make setup       venv + torch + detectron2 + deps + our compiled extension (idempotent)
 #   make test        setup, then the pytest suite (CPU, offline)
+#   make bench       setup, then every benchmark; writes benchmarks/RESULTS.md
 #   make cuda-check  compile the CUDA sources into a scratch directory (no GPU needed)
 
 PYTHON ?= python3
@@ -18,7 +19,7 @@ D2_DEPS := Pillow matplotlib "pycocotools>=2.0.2" "termcolor>=1.1" "yacs>=0.1.8"
 	packaging fvcore iopath
 OUR_DEPS := "setuptools<81" ninja wheel scipy opencv-python-headless pytest
 
-.PHONY: setup deps ext test cuda-check clean
+.PHONY: setup deps ext test bench cuda-check clean
 
 setup: ext
 
@@ -41,6 +42,9 @@ ext: $(STAMP)
 
 test: setup
 	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) benchmarks/run_all.py
 
 cuda-check: $(STAMP)
 	rm -rf $(CUDA_CHECK_DIR)

@@ -9,19 +9,27 @@ configs set ``WARMUP_ITERS`` 0, as the DINO / Align-DETR recipe has no warm-up).
 import itertools
 import logging
 import os
+import weakref
 from typing import Any, Dict, List, Type
 
 import torch
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer
+from detectron2.data import build_detection_test_loader
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
+from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import COCOEvaluator
 from detectron2.layers.batch_norm import LayerNorm as D2LayerNorm
 from detectron2.solver.build import maybe_add_gradient_clipping, reduce_param_groups
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from ..data import DetrDatasetMapper
+from .checkpoint import AtomicCheckpointer
+from .data import build_resumable_train_loader
+from .hooks import EMAHook, ModelEMA, ResumeStateHook
 
 __all__ = [
     "Trainer",
+    "check_finite_losses",
     "build_detr_optimizer",
     "get_detr_optimizer_params",
     "maybe_add_full_model_gradient_clipping",
@@ -169,13 +177,142 @@ def build_detr_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     )
 
 
+def check_finite_losses(loss_dict: Dict[str, torch.Tensor], iteration: int) -> None:
+    """Raises ``FloatingPointError`` naming the iteration and every non-finite loss term."""
+    values = {k: float(v.detach().float().sum()) for k, v in loss_dict.items()}
+    bad = [k for k, v in values.items() if not torch.isfinite(torch.tensor(v))]
+    if bad:
+        raise FloatingPointError(
+            f"Loss became infinite or NaN at iteration={iteration}: non-finite loss term(s) "
+            f"{', '.join(bad)} (rank {comm.get_rank()}).\nloss_dict = {values}\nThe optimizer "
+            "step of this iteration was skipped. Lower SOLVER.BASE_LR, keep "
+            "SOLVER.CLIP_GRADIENTS enabled, or check the data of this iteration."
+        )
+
+
+class _FiniteLossMixin:
+    """Checks every process's losses at every iteration, before the optimizer step, and names
+    the term that is not finite (detectron2 checks only their sum, on the main process)."""
+
+    def _write_metrics(self, loss_dict, data_time, prefix="", iter=None):
+        check_finite_losses(loss_dict, self.iter if iter is None else iter)
+        super()._write_metrics(loss_dict, data_time, prefix=prefix, iter=iter)
+
+
+class _CheckedSimpleTrainer(_FiniteLossMixin, SimpleTrainer):
+    pass
+
+
+class _CheckedAMPTrainer(_FiniteLossMixin, AMPTrainer):
+    pass
+
+
 class Trainer(DefaultTrainer):
-    """``DefaultTrainer`` with the DETR data pipeline, COCO evaluation and the DETR optimizer."""
+    """``DefaultTrainer`` with the DETR data pipeline, COCO evaluation and the DETR optimizer,
+    plus what exact resume and CPU multi-process training need.
+
+    * The training loader is :func:`build_resumable_train_loader` (annotations validated before
+      training; data order and augmentation a function of ``(seed, iteration)``), resumed at
+      the checkpoint's iteration.
+    * :class:`ResumeStateHook` reseeds the RNGs per step and carries the seed and the metric
+      history through checkpoints; checkpoints are written atomically (:class:`AtomicCheckpointer`).
+    * With ``MODEL.ALIGN_DETR.EMA.ENABLED`` an EMA of the weights is updated after every step,
+      saved in checkpoints (key ``"ema"``) and used for evaluation.
+    * DDP also works on CPU (gloo): ``device_ids`` is only passed for CUDA models.
+    * Every process checks its losses for NaN / inf at every iteration, naming the term.
+    """
+
+    #: Iterations between two writes of the metrics (console, metrics.json, TensorBoard).
+    writer_period = 20
+
+    def __init__(self, cfg):
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        # Exact resume needs the resumable loader; a subclass may return any detectron2 loader.
+        self.train_sampler = getattr(data_loader, "resumable_sampler", None)
+
+        device = next(model.parameters()).device
+        self.ema = ModelEMA(model, cfg.MODEL.ALIGN_DETR.EMA.DECAY) if _ema_enabled(cfg) else None
+        model = create_ddp_model(
+            model,
+            broadcast_buffers=False,
+            find_unused_parameters=_may_leave_parameters_unused(cfg),
+            **({} if device.type == "cuda" else {"device_ids": None}),
+        )
+        trainer_type = _CheckedAMPTrainer if cfg.SOLVER.AMP.ENABLED else _CheckedSimpleTrainer
+        self._trainer = trainer_type(model, data_loader, optimizer)
+
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        if self.ema is not None:
+            self.checkpointer.add_checkpointable("ema", self.ema)
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    def resume_or_load(self, resume=True):
+        self.resume_requested = resume
+        if self.ema is not None:
+            self.ema.loaded = False
+        checkpoint = self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
+        resumed = resume and self.checkpointer.has_checkpoint()
+        if resumed:
+            self.start_iter = self.iter + 1
+        if self.ema is not None and not (resumed and self.ema.loaded):
+            if resumed:
+                logging.getLogger(__name__).warning(
+                    "The checkpoint has no EMA weights; the EMA starts from the loaded model."
+                )
+            self.ema.reset(self.model)  # start the average from the loaded weights
+        if self.train_sampler is not None:
+            self.train_sampler.set_start(self.start_iter)
+        return checkpoint
+
+    def build_hooks(self):
+        """detectron2's hooks, plus :class:`ResumeStateHook` and :class:`EMAHook`; evaluation
+        uses the EMA weights when enabled, and the checkpointer runs last in each iteration, so
+        a checkpoint of iteration ``i`` comes after everything iteration ``i`` writes."""
+        ret = [h for h in super().build_hooks() if h is not None]
+        checkpointers = [h for h in ret if isinstance(h, hooks.PeriodicCheckpointer)]
+        ret = [h for h in ret if not isinstance(h, hooks.PeriodicCheckpointer)]
+        extra = []
+        if self.train_sampler is not None:
+            extra.append(ResumeStateHook(self.train_sampler, self.cfg.OUTPUT_DIR))
+        for h in ret:
+            if isinstance(h, hooks.PeriodicWriter):
+                h._period = self.writer_period
+        if self.ema is not None:
+            extra.append(EMAHook(self.ema, self.model))
+            for h in ret:
+                if isinstance(h, hooks.EvalHook):
+                    h._func = self._ema_eval(h._func)
+        # After the LR scheduler (index 1), before PreciseBN, evaluation and the writers.
+        return ret[:2] + extra + ret[2:] + checkpointers
+
+    def _ema_eval(self, func):
+        def eval_with_ema():
+            with self.ema.applied_to(self.model):
+                return func()
+
+        return eval_with_ema
 
     @classmethod
     def build_train_loader(cls, cfg):
-        # Images without (non-crowd) boxes are dropped by DATALOADER.FILTER_EMPTY_ANNOTATIONS.
-        return build_detection_train_loader(cfg, mapper=DetrDatasetMapper(cfg, is_train=True))
+        """The loader of :func:`build_resumable_train_loader` (its sampler is the loader's
+        ``resumable_sampler`` attribute). Images without (non-crowd) boxes are dropped by
+        ``DATALOADER.FILTER_EMPTY_ANNOTATIONS``."""
+        loader, sampler = build_resumable_train_loader(
+            cfg, mapper=DetrDatasetMapper(cfg, is_train=True)
+        )
+        loader.resumable_sampler = sampler
+        return loader
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -202,3 +339,13 @@ class Trainer(DefaultTrainer):
             len(optimizer.param_groups),
         )
         return optimizer
+
+
+def _ema_enabled(cfg) -> bool:
+    return bool(cfg.MODEL.ALIGN_DETR.EMA.ENABLED)
+
+
+def _may_leave_parameters_unused(cfg) -> bool:
+    # The DN label embedding gets no gradient without DN, or in a batch without any box (kept
+    # when FILTER_EMPTY_ANNOTATIONS is off); DDP must then look for unused parameters.
+    return not cfg.MODEL.ALIGN_DETR.DN.ENABLED or not cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS

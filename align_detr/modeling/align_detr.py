@@ -14,6 +14,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 
 from align_detr.layers import PositionEmbeddingSine, box_xyxy_to_cxcywh, inverse_sigmoid
 from align_detr.losses import SetCriterion
+from align_detr.losses.criterion import LOSS_TYPES
 from align_detr.matching import HungarianMatcher
 
 from .denoising import build_denoising_queries
@@ -225,6 +226,10 @@ class AlignDETR(nn.Module):
         return results
 
 
+#: Upper bound of DN.NUM_QUERIES (DINO uses 100 with 900 matching queries).
+MAX_DN_QUERIES = 2000
+
+
 def check_config(cfg):
     """Fails early, naming the key, on values the model cannot run with."""
     c = cfg.MODEL.ALIGN_DETR
@@ -248,5 +253,25 @@ def check_config(cfg):
         problems.append(f"LOSS.TAU must be > 0, got {c.LOSS.TAU}")
     if c.DN.ENABLED and c.DN.NUM_QUERIES < 1:
         problems.append(f"DN.NUM_QUERIES must be >= 1 when DN is enabled, got {c.DN.NUM_QUERIES}")
+    if c.DN.ENABLED and c.DN.NUM_QUERIES > MAX_DN_QUERIES:
+        problems.append(
+            f"DN.NUM_QUERIES must be <= {MAX_DN_QUERIES} (the DN + matching self-attention mask "
+            f"grows with its square), got {c.DN.NUM_QUERIES}"
+        )
+    if not 0.0 <= c.DN.LABEL_NOISE_RATIO <= 1.0:
+        problems.append(f"DN.LABEL_NOISE_RATIO must be in [0, 1], got {c.DN.LABEL_NOISE_RATIO}")
+    if c.DN.BOX_NOISE_SCALE < 0:
+        problems.append(f"DN.BOX_NOISE_SCALE must be >= 0, got {c.DN.BOX_NOISE_SCALE}")
+    if c.LOSS.TYPE not in LOSS_TYPES:
+        problems.append(f"LOSS.TYPE must be one of {', '.join(LOSS_TYPES)}, got {c.LOSS.TYPE!r}")
+    if not 0.0 <= c.LOSS.ALPHA <= 1.0:
+        problems.append(f"LOSS.ALPHA must be in [0, 1], got {c.LOSS.ALPHA}")
+    if c.LOSS.GAMMA < 0:
+        problems.append(f"LOSS.GAMMA must be >= 0, got {c.LOSS.GAMMA}")
+    for key in ("CLASS_WEIGHT", "BBOX_WEIGHT", "GIOU_WEIGHT"):
+        if c.LOSS[key] < 0:
+            problems.append(f"LOSS.{key} must be >= 0, got {c.LOSS[key]}")
+    if not 0.0 <= c.EMA.DECAY < 1.0:
+        problems.append(f"EMA.DECAY must be in [0, 1), got {c.EMA.DECAY}")
     if problems:
         raise ValueError("invalid MODEL.ALIGN_DETR config: " + "; ".join(problems))
