@@ -95,16 +95,16 @@ def read_image_bgr(path: str) -> np.ndarray:
 
 
 def run_images(predictor: Predictor, paths: List[str], output: str, logger) -> None:
-    to_folder = output and (len(paths) > 1 or os.path.isdir(output) or not os.path.splitext(output)[1])
+    to_folder = output and (
+        len(paths) > 1 or os.path.isdir(output) or not os.path.splitext(output)[1]
+    )
     if to_folder:
         os.makedirs(output, exist_ok=True)
     for path in paths:
         img = read_image_bgr(path)
         start = time.perf_counter()
         instances = predictor(img)
-        logger.info(
-            f"{path}: {len(instances)} detections in {time.perf_counter() - start:.2f}s"
-        )
+        logger.info(f"{path}: {len(instances)} detections in {time.perf_counter() - start:.2f}s")
         if not output:
             continue
         drawing = draw_predictions(img[:, :, ::-1], instances, predictor.metadata)

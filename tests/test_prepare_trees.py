@@ -18,8 +18,10 @@ import prepare_trees as pt  # noqa: E402
 
 VOC = """<annotation><filename>{name}.tif</filename>
 <size><width>{w}</width><height>{h}</height><depth>3</depth></size>{objects}</annotation>"""
-OBJ = ("<object><name>{label}</name><bndbox><xmin>{0}</xmin><ymin>{1}</ymin><xmax>{2}</xmax>"
-       "<ymax>{3}</ymax></bndbox></object>")
+OBJ = (
+    "<object><name>{label}</name><bndbox><xmin>{0}</xmin><ymin>{1}</ymin><xmax>{2}</xmax>"
+    "<ymax>{3}</ymax></bndbox></object>"
+)
 
 
 def write_voc(folder, name, w, h, objects):
@@ -27,8 +29,9 @@ def write_voc(folder, name, w, h, objects):
     Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
         os.path.join(folder, name + ".png")
     )
-    xml = VOC.format(name=name, w=w, h=h,
-                     objects="".join(OBJ.format(*b, label=lab) for lab, b in objects))
+    xml = VOC.format(
+        name=name, w=w, h=h, objects="".join(OBJ.format(*b, label=lab) for lab, b in objects)
+    )
     with open(os.path.join(folder, name + ".xml"), "w") as f:
         f.write(xml)
 
@@ -38,12 +41,18 @@ def voc(tmp_path):
     src = tmp_path / "voc"
     src.mkdir()
     # 400x200 cut into two 200x200 tiles at x = 0 and x = 200.
-    write_voc(src, "big", 400, 200, [
-        ("Tree", (10, 10, 50, 60)),     # inside tile 0
-        ("Tree", (180, 20, 240, 80)),   # 1/3 in tile 0 (dropped there), 2/3 in tile 1
-        ("Tree", (197, 100, 260, 140)), # 3 px sliver in tile 0, 60 of 63 px in tile 1
-        ("Tree", (300, 150, 340, 152)), # 2 px high: a sliver everywhere
-    ])
+    write_voc(
+        src,
+        "big",
+        400,
+        200,
+        [
+            ("Tree", (10, 10, 50, 60)),  # inside tile 0
+            ("Tree", (180, 20, 240, 80)),  # 1/3 in tile 0 (dropped there), 2/3 in tile 1
+            ("Tree", (197, 100, 260, 140)),  # 3 px sliver in tile 0, 60 of 63 px in tile 1
+            ("Tree", (300, 150, 340, 152)),  # 2 px high: a sliver everywhere
+        ],
+    )
     write_voc(src, "held", 100, 80, [("Dead", (5, 5, 30, 30)), ("Alive", (60, 40, 120, 79))])
     return src
 

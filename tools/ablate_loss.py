@@ -42,10 +42,18 @@ def variants(num_layers: int):
     outputs = num_layers + 1  # encoder proposals + each decoder layer
     align_k = [2] * (outputs - 1) + [1]
     return {
-        "align": ["MODEL.ALIGN_DETR.LOSS.TYPE", "align", "MODEL.ALIGN_DETR.LOSS.MATCH_K",
-                  str(align_k)],
-        "focal": ["MODEL.ALIGN_DETR.LOSS.TYPE", "focal", "MODEL.ALIGN_DETR.LOSS.MATCH_K",
-                  str([1] * outputs)],
+        "align": [
+            "MODEL.ALIGN_DETR.LOSS.TYPE",
+            "align",
+            "MODEL.ALIGN_DETR.LOSS.MATCH_K",
+            str(align_k),
+        ],
+        "focal": [
+            "MODEL.ALIGN_DETR.LOSS.TYPE",
+            "focal",
+            "MODEL.ALIGN_DETR.LOSS.MATCH_K",
+            str([1] * outputs),
+        ],
     }
 
 
@@ -67,8 +75,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--out", default="output/ablation")
-    parser.add_argument("--max-iter", type=int, help="override SOLVER.MAX_ITER (both runs); "
-                        "SOLVER.STEPS and TEST.EVAL_PERIOD are scaled with it")
+    parser.add_argument(
+        "--max-iter",
+        type=int,
+        help="override SOLVER.MAX_ITER (both runs); "
+        "SOLVER.STEPS and TEST.EVAL_PERIOD are scaled with it",
+    )
     parser.add_argument("--only", choices=["align", "focal"], help="run one variant only")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="extra config overrides")
     args = parser.parse_args(argv)
@@ -86,8 +98,14 @@ def main(argv=None):
         scale = args.max_iter / cfg.SOLVER.MAX_ITER
         steps = tuple(int(round(s * scale)) for s in cfg.SOLVER.STEPS)
         period = max(1, int(round(cfg.TEST.EVAL_PERIOD * scale)))
-        extra = ["SOLVER.MAX_ITER", str(args.max_iter), "SOLVER.STEPS", str(steps),
-                 "TEST.EVAL_PERIOD", str(period)] + extra
+        extra = [
+            "SOLVER.MAX_ITER",
+            str(args.max_iter),
+            "SOLVER.STEPS",
+            str(steps),
+            "TEST.EVAL_PERIOD",
+            str(period),
+        ] + extra
     runs = variants(num_decoder_layers(args.config_file))
     if args.only:
         runs = {args.only: runs[args.only]}
@@ -96,8 +114,16 @@ def main(argv=None):
         out_dir = os.path.join(args.out, name)
         if os.path.exists(os.path.join(out_dir, "metrics.json")):
             os.remove(os.path.join(out_dir, "metrics.json"))  # a fresh run, not an appended one
-        cmd = [sys.executable, os.path.join(ROOT, "train_net.py"), "--config-file",
-               args.config_file, *opts, *extra, "OUTPUT_DIR", out_dir]
+        cmd = [
+            sys.executable,
+            os.path.join(ROOT, "train_net.py"),
+            "--config-file",
+            args.config_file,
+            *opts,
+            *extra,
+            "OUTPUT_DIR",
+            out_dir,
+        ]
         print(f"=== {name}: {' '.join(cmd)}", flush=True)
         start = time.time()
         subprocess.check_call(cmd)
@@ -109,8 +135,10 @@ def main(argv=None):
         if not res:
             print(f"{name:<8}  no evaluation found")
             continue
-        print(f"{name:<8}{res['bbox/AP']:>8.1f}{res['bbox/AP50']:>8.1f}{res['bbox/AP75']:>8.1f}"
-              f"{res['iteration'] + 1:>8}{seconds / 60:>9.1f}")
+        print(
+            f"{name:<8}{res['bbox/AP']:>8.1f}{res['bbox/AP50']:>8.1f}{res['bbox/AP75']:>8.1f}"
+            f"{res['iteration'] + 1:>8}{seconds / 60:>9.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from collections import defaultdict
 from typing import Dict, List, Tuple
 
 Series = Dict[str, List[Tuple[int, float]]]
+# The sum and the final decoder layer's terms (the auxiliary and DN terms follow them).
+PLOTTED_LOSSES = ("total_loss", "loss_class", "loss_bbox", "loss_giou")
 
 
 def read_metrics(path: str) -> Tuple[Series, Series]:
@@ -37,7 +39,7 @@ def read_metrics(path: str) -> Tuple[Series, Series]:
             if it is None:
                 continue
             for k, v in rec.items():
-                if k == "total_loss" or (k.startswith("loss_") and "_dn" not in k and k[-2:-1] != "_"):
+                if k in PLOTTED_LOSSES:
                     losses[k][it] = v
                 elif k in ("bbox/AP", "bbox/AP50", "bbox/AP75"):
                     aps[k.split("/")[1]][it] = v

@@ -244,20 +244,34 @@ def prepare(
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", help="folder with the VOC XML + PNG files "
-                        "(default: the installed deepforest package's data folder)")
+    parser.add_argument(
+        "--source",
+        help="folder with the VOC XML + PNG files "
+        "(default: the installed deepforest package's data folder)",
+    )
     parser.add_argument("--out", default=None, help="output folder (default: <root>/trees)")
     parser.add_argument("--tile", type=int, default=400)
-    parser.add_argument("--min-visible", type=float, default=0.5,
-                        help="least fraction of a box's area that must stay inside a tile")
-    parser.add_argument("--min-side", type=float, default=4.0,
-                        help="least width and height (px) of a clipped box")
+    parser.add_argument(
+        "--min-visible",
+        type=float,
+        default=0.5,
+        help="least fraction of a box's area that must stay inside a tile",
+    )
+    parser.add_argument(
+        "--min-side", type=float, default=4.0, help="least width and height (px) of a clipped box"
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
     args = parser.parse_args(argv)
     source = args.source or find_deepforest_data()
     out = args.out or os.path.join(default_root(), "trees")
-    prepare(source, out, tile=args.tile, min_visible=args.min_visible,
-            min_side=args.min_side, force=args.force)
+    prepare(
+        source,
+        out,
+        tile=args.tile,
+        min_visible=args.min_visible,
+        min_side=args.min_side,
+        force=args.force,
+    )
     print(ATTRIBUTION)
 
 

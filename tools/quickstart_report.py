@@ -80,15 +80,19 @@ def main(argv=None):
         )
         out = os.path.join(demo_dir, os.path.basename(d["file_name"]))
         cv2.imwrite(out, drawing[:, :, ::-1])
-        print(f"demo: {out} ({len(instances)} detections >= {args.confidence_threshold}, "
-              f"{len(gt)} ground-truth boxes)")
+        print(
+            f"demo: {out} ({len(instances)} detections >= {args.confidence_threshold}, "
+            f"{len(gt)} ground-truth boxes)"
+        )
 
     res = last_eval(metrics)
     print("=" * 64)
     print(f"quickstart summary ({cfg.DATASETS.TEST[0]}, held out, COCO bbox metrics):")
     if res:
-        print(f"  AP {res['bbox/AP']:.1f}   AP50 {res['bbox/AP50']:.1f}   "
-              f"AP75 {res['bbox/AP75']:.1f}   (iteration {res['iteration'] + 1})")
+        print(
+            f"  AP {res['bbox/AP']:.1f}   AP50 {res['bbox/AP50']:.1f}   "
+            f"AP75 {res['bbox/AP75']:.1f}   (iteration {res['iteration'] + 1})"
+        )
     else:
         print("  no evaluation found in metrics.json")
     if args.start:

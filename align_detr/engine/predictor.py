@@ -86,7 +86,9 @@ def draw_predictions(
     boxes (green) on an RGB image; returns the RGB drawing (size = image size x ``scale``)."""
     vis = Visualizer(image_rgb, metadata, scale=scale, instance_mode=ColorMode.IMAGE)
     if gt_boxes is not None and len(gt_boxes):
-        vis.overlay_instances(boxes=np.asarray(gt_boxes), assigned_colors=[GT_COLOR] * len(gt_boxes))
+        vis.overlay_instances(
+            boxes=np.asarray(gt_boxes), assigned_colors=[GT_COLOR] * len(gt_boxes)
+        )
     n = len(instances)
     if n:
         labels = None

@@ -70,12 +70,15 @@ class MobileNetV2Backbone(Backbone):
         frozen_bn (bool): replace every BatchNorm2d by detectron2's FrozenBatchNorm2d.
     """
 
-    def __init__(self, out_features=("s8", "s16", "s32"), freeze_at=1, pretrained=True,
-                 frozen_bn=True):
+    def __init__(
+        self, out_features=("s8", "s16", "s32"), freeze_at=1, pretrained=True, frozen_bn=True
+    ):
         super().__init__()
         unknown = [f for f in out_features if f not in _FEATURES]
         if unknown:
-            raise ValueError(f"unknown MobileNetV2 features {unknown}; choose from {list(_FEATURES)}")
+            raise ValueError(
+                f"unknown MobileNetV2 features {unknown}; choose from {list(_FEATURES)}"
+            )
         if not 0 <= freeze_at <= len(_STAGES):
             raise ValueError(f"FREEZE_AT must be in [0, {len(_STAGES)}], got {freeze_at}")
         net = load_imagenet_mobilenet_v2() if pretrained else torchvision.models.mobilenet_v2()
@@ -86,7 +89,9 @@ class MobileNetV2Backbone(Backbone):
         self._out_features = sorted(out_features, key=lambda f: _FEATURES[f][1])
         self._last = max(_FEATURES[f][0] for f in self._out_features)
         self._out_feature_strides = {f: _FEATURES[f][1] for f in self._out_features}
-        self._out_feature_channels = {f: self._channels(_FEATURES[f][0]) for f in self._out_features}
+        self._out_feature_channels = {
+            f: self._channels(_FEATURES[f][0]) for f in self._out_features
+        }
         for start, end in _STAGES[:freeze_at]:
             for block in self.features[start:end]:
                 for p in block.parameters():
@@ -108,7 +113,9 @@ class MobileNetV2Backbone(Backbone):
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
         return {
-            f: ShapeSpec(channels=self._out_feature_channels[f], stride=self._out_feature_strides[f])
+            f: ShapeSpec(
+                channels=self._out_feature_channels[f], stride=self._out_feature_strides[f]
+            )
             for f in self._out_features
         }
 
