@@ -91,7 +91,7 @@ def main(argv=None):
     if res:
         print(
             f"  AP {res['bbox/AP']:.1f}   AP50 {res['bbox/AP50']:.1f}   "
-            f"AP75 {res['bbox/AP75']:.1f}   (iteration {res['iteration'] + 1})"
+            f"AP75 {res['bbox/AP75']:.1f}   (last evaluation, after iteration {res['iteration']})"
         )
     else:
         print("  no evaluation found in metrics.json")
