@@ -1,5 +1,6 @@
 from .align_detr import AlignDETR
 from .denoising import DenoisingMeta, build_denoising_queries
+from .mobilenet import MobileNetV2Backbone, build_mobilenet_v2_backbone
 from .neck import ChannelMapper
 from .transformer import DeformableTransformer
 

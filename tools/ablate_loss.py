@@ -1,0 +1,145 @@
+#!/usr/bin/env python
+# Copyright (c) align-detr contributors.
+"""Align loss vs focal loss at equal budget: trains one config twice and prints held-out APs.
+
+* ``align``: ``LOSS.TYPE align``, ``MATCH_K [2, ..., 2, 1]`` (Align-DETR: many-to-one on the
+  encoder and intermediate decoder layers, one-to-one on the last);
+* ``focal``: ``LOSS.TYPE focal``, ``MATCH_K [1, ..., 1]`` (the DINO baseline, one-to-one).
+
+Everything else (data, schedule, seed, model) is the config's. Each run is ``train_net.py`` in
+its own ``OUTPUT_DIR`` (``<out>/align``, ``<out>/focal``); the APs are those of the last
+evaluation in each run's ``metrics.json``.
+
+Example::
+
+    python tools/ablate_loss.py --config-file configs/quickstart/align_mnv2_trees.yaml
+    python tools/ablate_loss.py --config-file ... --max-iter 200   # a shorter, equal budget
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def num_decoder_layers(config_file: str) -> int:
+    sys.path.insert(0, ROOT)
+    from detectron2.config import get_cfg
+
+    from align_detr.config import add_align_detr_config
+
+    cfg = get_cfg()
+    add_align_detr_config(cfg)
+    cfg.merge_from_file(config_file)
+    return cfg.MODEL.ALIGN_DETR.DECODER.NUM_LAYERS
+
+
+def variants(num_layers: int):
+    outputs = num_layers + 1  # encoder proposals + each decoder layer
+    align_k = [2] * (outputs - 1) + [1]
+    return {
+        "align": [
+            "MODEL.ALIGN_DETR.LOSS.TYPE",
+            "align",
+            "MODEL.ALIGN_DETR.LOSS.MATCH_K",
+            str(align_k),
+        ],
+        "focal": [
+            "MODEL.ALIGN_DETR.LOSS.TYPE",
+            "focal",
+            "MODEL.ALIGN_DETR.LOSS.MATCH_K",
+            str([1] * outputs),
+        ],
+    }
+
+
+def last_eval(metrics_path: str) -> dict:
+    found = {}
+    if os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if "bbox/AP" in rec:
+                    found = rec
+    return found
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config-file", required=True)
+    parser.add_argument("--out", default="output/ablation")
+    parser.add_argument(
+        "--max-iter",
+        type=int,
+        help="override SOLVER.MAX_ITER (both runs); "
+        "SOLVER.STEPS and TEST.EVAL_PERIOD are scaled with it",
+    )
+    parser.add_argument("--only", choices=["align", "focal"], help="run one variant only")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="extra config overrides")
+    args = parser.parse_args(argv)
+
+    extra = list(args.opts)
+    if args.max_iter:
+        sys.path.insert(0, ROOT)
+        from detectron2.config import get_cfg
+
+        from align_detr.config import add_align_detr_config
+
+        cfg = get_cfg()
+        add_align_detr_config(cfg)
+        cfg.merge_from_file(args.config_file)
+        scale = args.max_iter / cfg.SOLVER.MAX_ITER
+        steps = tuple(int(round(s * scale)) for s in cfg.SOLVER.STEPS)
+        period = max(1, int(round(cfg.TEST.EVAL_PERIOD * scale)))
+        extra = [
+            "SOLVER.MAX_ITER",
+            str(args.max_iter),
+            "SOLVER.STEPS",
+            str(steps),
+            "TEST.EVAL_PERIOD",
+            str(period),
+        ] + extra
+    runs = variants(num_decoder_layers(args.config_file))
+    if args.only:
+        runs = {args.only: runs[args.only]}
+    results = {}
+    for name, opts in runs.items():
+        out_dir = os.path.join(args.out, name)
+        if os.path.exists(os.path.join(out_dir, "metrics.json")):
+            os.remove(os.path.join(out_dir, "metrics.json"))  # a fresh run, not an appended one
+        cmd = [
+            sys.executable,
+            os.path.join(ROOT, "train_net.py"),
+            "--config-file",
+            args.config_file,
+            *opts,
+            *extra,
+            "OUTPUT_DIR",
+            out_dir,
+        ]
+        print(f"=== {name}: {' '.join(cmd)}", flush=True)
+        start = time.time()
+        subprocess.check_call(cmd)
+        results[name] = (last_eval(os.path.join(out_dir, "metrics.json")), time.time() - start)
+
+    print("\nHeld-out COCO bbox metrics (%), equal budget:")
+    print(f"{'loss':<8}{'AP':>8}{'AP50':>8}{'AP75':>8}{'iters':>8}{'minutes':>9}")
+    for name, (res, seconds) in results.items():
+        if not res:
+            print(f"{name:<8}  no evaluation found")
+            continue
+        print(
+            f"{name:<8}{res['bbox/AP']:>8.1f}{res['bbox/AP50']:>8.1f}{res['bbox/AP75']:>8.1f}"
+            f"{res['iteration'] + 1:>8}{seconds / 60:>9.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+# Copyright (c) align-detr contributors.
+"""End of ``make quickstart``: held-out drawings, the metrics plot and a short summary.
+
+Reads ``OUTPUT_DIR`` of the config (``output/quickstart``): ``model_final.pth`` and
+``metrics.json``. Writes ``demo/<image>.png`` (predictions red with scores, ground truth green)
+for every image of ``DATASETS.TEST[0]``, and ``metrics.png``; prints AP, AP50, AP75 of the last
+evaluation and the time since ``--start`` (a Unix time, e.g. from ``date +%s``).
+
+Example::
+
+    python tools/quickstart_report.py --config-file configs/quickstart/align_mnv2_trees.yaml
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import cv2
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.data import DatasetCatalog  # noqa: E402
+
+import align_detr  # noqa: E402,F401
+from align_detr.config import add_align_detr_config  # noqa: E402
+from align_detr.engine.predictor import Predictor, draw_predictions  # noqa: E402
+from plot_metrics import plot  # noqa: E402
+
+
+def last_eval(metrics_path: str) -> dict:
+    """The last record of ``metrics.json`` that holds ``bbox/AP`` (empty dict if none)."""
+    found = {}
+    with open(metrics_path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "bbox/AP" in rec:
+                found = rec
+    return found
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config-file", required=True)
+    parser.add_argument("--start", type=float, help="Unix time the run started")
+    parser.add_argument("--confidence-threshold", type=float, default=0.3)
+    parser.add_argument("--scale", type=float, default=1.5, help="drawing scale")
+    parser.add_argument("opts", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+
+    cfg = get_cfg()
+    add_align_detr_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    out_dir = cfg.OUTPUT_DIR
+    if not cfg.MODEL.WEIGHTS:
+        cfg.MODEL.WEIGHTS = os.path.join(out_dir, "model_final.pth")
+    cfg.freeze()
+
+    metrics = os.path.join(out_dir, "metrics.json")
+    print(f"plot: {plot(metrics, os.path.join(out_dir, 'metrics.png'))}")
+
+    predictor = Predictor(cfg, confidence_threshold=args.confidence_threshold)
+    demo_dir = os.path.join(out_dir, "demo")
+    os.makedirs(demo_dir, exist_ok=True)
+    for d in DatasetCatalog.get(cfg.DATASETS.TEST[0]):
+        img = cv2.imread(d["file_name"], cv2.IMREAD_COLOR)
+        instances = predictor(img)
+        # detectron2 dataset dicts hold XYWH_ABS boxes for COCO json.
+        gt = [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in d["annotations"])]
+        drawing = draw_predictions(
+            img[:, :, ::-1], instances, predictor.metadata, gt_boxes=gt, scale=args.scale
+        )
+        out = os.path.join(demo_dir, os.path.basename(d["file_name"]))
+        cv2.imwrite(out, drawing[:, :, ::-1])
+        print(
+            f"demo: {out} ({len(instances)} detections >= {args.confidence_threshold}, "
+            f"{len(gt)} ground-truth boxes)"
+        )
+
+    res = last_eval(metrics)
+    print("=" * 64)
+    print(f"quickstart summary ({cfg.DATASETS.TEST[0]}, held out, COCO bbox metrics):")
+    if res:
+        print(
+            f"  AP {res['bbox/AP']:.1f}   AP50 {res['bbox/AP50']:.1f}   "
+            f"AP75 {res['bbox/AP75']:.1f}   (last evaluation, after iteration {res['iteration']})"
+        )
+    else:
+        print("  no evaluation found in metrics.json")
+    if args.start:
+        minutes, seconds = divmod(int(time.time() - args.start), 60)
+        print(f"  total time {minutes} min {seconds:02d} s")
+    print(f"  outputs: {out_dir}/ (metrics.json, metrics.png, demo/, model_final.pth)")
+    print("=" * 64)
+
+
+if __name__ == "__main__":
+    main()
