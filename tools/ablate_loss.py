@@ -137,7 +137,7 @@ def main(argv=None):
             continue
         print(
             f"{name:<8}{res['bbox/AP']:>8.1f}{res['bbox/AP50']:>8.1f}{res['bbox/AP75']:>8.1f}"
-            f"{res['iteration'] + 1:>8}{seconds / 60:>9.1f}"
+            f"{res['iteration']:>8}{seconds / 60:>9.1f}"
         )
 
 
