@@ -17,13 +17,14 @@ Example::
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from plot_metrics import last_eval  # noqa: E402
 
 
 def num_decoder_layers(config_file: str) -> int:
@@ -55,20 +56,6 @@ def variants(num_layers: int):
             str([1] * outputs),
         ],
     }
-
-
-def last_eval(metrics_path: str) -> dict:
-    found = {}
-    if os.path.exists(metrics_path):
-        with open(metrics_path) as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if "bbox/AP" in rec:
-                    found = rec
-    return found
 
 
 def main(argv=None):

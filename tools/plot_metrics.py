@@ -47,6 +47,21 @@ def read_metrics(path: str) -> Tuple[Series, Series]:
     return as_series(losses), as_series(aps)
 
 
+def last_eval(metrics_path: str) -> dict:
+    """The last record of ``metrics.json`` that holds ``bbox/AP`` (empty dict if none)."""
+    found = {}
+    if os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if "bbox/AP" in rec:
+                    found = rec
+    return found
+
+
 def plot(metrics_path: str, out_path: str, max_losses: int = 4) -> str:
     """Writes the figure (losses left, AP right) to ``out_path`` and returns it."""
     import matplotlib

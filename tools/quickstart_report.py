@@ -13,7 +13,6 @@ Example::
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -29,21 +28,7 @@ from detectron2.data import DatasetCatalog  # noqa: E402
 import align_detr  # noqa: E402,F401
 from align_detr.config import add_align_detr_config  # noqa: E402
 from align_detr.engine.predictor import Predictor, draw_predictions  # noqa: E402
-from plot_metrics import plot  # noqa: E402
-
-
-def last_eval(metrics_path: str) -> dict:
-    """The last record of ``metrics.json`` that holds ``bbox/AP`` (empty dict if none)."""
-    found = {}
-    with open(metrics_path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if "bbox/AP" in rec:
-                found = rec
-    return found
+from plot_metrics import last_eval, plot  # noqa: E402
 
 
 def main(argv=None):
