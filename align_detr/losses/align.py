@@ -69,13 +69,26 @@ def align_cls_loss(
         scalar. Written as neg_w * x - (pos_w + neg_w) * logsigmoid(x), finite for any logit.
     """
     prob = logits.sigmoid()
-    neg_w = prob.pow(gamma)  # stays in the graph, as in focal loss
-    pos_w = torch.zeros_like(logits)
+    if pos_query.numel() == 0:
+        return dense_soft_bce(logits, prob, pos_query, pos_label, None, None, gamma) / normalizer
+    t = quality_target(prob[pos_query, pos_label], pos_iou, alpha)
+    if pos_weight is not None:
+        t = t * pos_weight.detach()
+    return dense_soft_bce(logits, prob, pos_query, pos_label, t, 1 - t, gamma) / normalizer
+
+
+def dense_soft_bce(logits, prob, pos_query, pos_label, pos_w, pos_neg_w, gamma):
+    """Sum over every (query, class) entry of neg_w * x - (pos_w + neg_w) * logsigmoid(x):
+    a weighted BCE, finite for any logit x. Every entry gets neg_w = p^gamma (in the graph, as
+    in focal loss) and pos_w = 0, except the matched entries, which get (pos_w, pos_neg_w).
+
+    Args:
+        logits, prob: (Q, C) raw scores and their sigmoid.
+        pos_query, pos_label: (P,) matched entries; pos_w, pos_neg_w: (P,) or None when P = 0.
+    """
+    neg_w = prob.pow(gamma)
+    pos = torch.zeros_like(logits)
     if pos_query.numel() > 0:
-        t = quality_target(prob[pos_query, pos_label], pos_iou, alpha)
-        if pos_weight is not None:
-            t = t * pos_weight.detach()
-        pos_w = pos_w.index_put((pos_query, pos_label), t)
-        neg_w = neg_w.index_put((pos_query, pos_label), 1 - t)
-    loss = neg_w * logits - (pos_w + neg_w) * F.logsigmoid(logits)
-    return loss.sum() / normalizer
+        pos = pos.index_put((pos_query, pos_label), pos_w)
+        neg_w = neg_w.index_put((pos_query, pos_label), pos_neg_w)
+    return (neg_w * logits - (pos + neg_w) * F.logsigmoid(logits)).sum()

@@ -3,9 +3,8 @@
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from .align import quality_target
+from .align import dense_soft_bce, quality_target
 
 # SD-DETR's target t = s^0.25 * IoU^0.75.
 TAL_ALPHA = 0.25
@@ -31,15 +30,14 @@ def tal_cls_loss(
         scalar, computed with logsigmoid so it is finite for any logit.
     """
     prob = logits.sigmoid()
-    neg_w = prob.pow(gamma)
-    pos_w = torch.zeros_like(logits)
-    if pos_query.numel() > 0:
-        s = prob[pos_query, pos_label]
-        t = quality_target(s, pos_iou, TAL_ALPHA, floor=0.0)
-        if pos_weight is not None:
-            t = t * pos_weight.detach()
-        focus = (t - s).abs().pow(gamma)  # in the graph, like focal loss's modulating factor
-        pos_w = pos_w.index_put((pos_query, pos_label), focus * t)
-        neg_w = neg_w.index_put((pos_query, pos_label), focus * (1 - t))
-    loss = neg_w * logits - (pos_w + neg_w) * F.logsigmoid(logits)
-    return loss.sum() / normalizer
+    if pos_query.numel() == 0:
+        return dense_soft_bce(logits, prob, pos_query, pos_label, None, None, gamma) / normalizer
+    s = prob[pos_query, pos_label]
+    t = quality_target(s, pos_iou, TAL_ALPHA, floor=0.0)
+    if pos_weight is not None:
+        t = t * pos_weight.detach()
+    focus = (t - s).abs().pow(gamma)  # in the graph, like focal loss's modulating factor
+    return (
+        dense_soft_bce(logits, prob, pos_query, pos_label, focus * t, focus * (1 - t), gamma)
+        / normalizer
+    )
