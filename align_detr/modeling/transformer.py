@@ -220,15 +220,13 @@ class DeformableTransformer(nn.Module):
         self._reset_parameters()
 
     def _reset_parameters(self):
-        for p in self.parameters():
-            if p.dim() > 1:
+        # Xavier for the transformer's own weights; the query generator keeps its own init.
+        for name, p in self.named_parameters():
+            if p.dim() > 1 and not name.startswith("query_generator."):
                 nn.init.xavier_uniform_(p)
         for m in self.modules():
             if isinstance(m, MSDeformAttn):
                 m.reset_parameters()
-        if self.query_generator is not None and hasattr(self.query_generator, "point_heads"):
-            for head in self.query_generator.point_heads:  # keep the points on the box centres
-                nn.init.zeros_(head.layers[-1].weight)
         nn.init.normal_(self.level_embed)
         if self.tgt_embed is not None:
             nn.init.normal_(self.tgt_embed.weight)
