@@ -15,7 +15,8 @@ CUDA_HOME ?= /usr/local/cuda
 CUDA_CHECK_ARCH ?= 8.0;9.0
 CUDA_CHECK_DIR ?= build-cuda-check
 
-# Runtime dependencies of detectron2 (installed without its own resolver, see DESIGN.md) and ours.
+# Runtime dependencies of detectron2 (installed without its own resolver, see docs/design.md)
+# and ours.
 D2_DEPS := Pillow matplotlib "pycocotools>=2.0.2" "termcolor>=1.1" "yacs>=0.1.8" tabulate \
 	cloudpickle "tqdm>4.29.0" tensorboard "omegaconf>=2.1,<2.4" "hydra-core>=1.1" black \
 	packaging fvcore iopath
@@ -54,7 +55,7 @@ ext: $(STAMP)
 		$(PIP) install -q --no-build-isolation --no-deps -e . ; fi
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(QS_ENV) $(PY) -m pytest -q tests
 
 bench: setup
 	$(PY) benchmarks/run_all.py

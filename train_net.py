@@ -22,18 +22,15 @@ import sys
 from typing import List
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
-import align_detr  # noqa: F401  (registers the model with detectron2)
-from align_detr.config import add_align_detr_config
+import align_detr.modeling  # noqa: F401  (registers the model, backbones and bases)
+from align_detr.config import ConfigError, load_config
+from align_detr.data import register_trees
 from align_detr.engine import Trainer
-from align_detr.engine.checkpoint import AtomicCheckpointer
-from align_detr.engine.hooks import ModelEMA
-from align_detr.modeling.align_detr import check_config
 
 # Where detectron2's builtin datasets (coco_2017_train, ...) look for their files.
 _BUILTIN_ROOT = os.path.abspath(os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")))
@@ -117,40 +114,10 @@ def check_inputs(cfg, eval_only: bool = False, resume: bool = False) -> None:
         raise FileNotFoundError(message)
 
 
-class ConfigError(ValueError):
-    """A config with an unknown key or a value the model cannot run with."""
-
-
-def load_config(args):
-    """Returns the frozen config of the command line (``--config-file`` and the opts).
-
-    Raises:
-        ConfigError: for an unknown key (a typo, or a key of another project) or an impossible
-            value (``check_config``), naming the key.
-    """
-    cfg = get_cfg()
-    add_align_detr_config(cfg)
-    try:
-        cfg.merge_from_file(args.config_file)
-        cfg.merge_from_list(args.opts)
-    except (KeyError, AssertionError) as e:
-        # yacs: KeyError "Non-existent config key" (files), AssertionError (command line).
-        message = e.args[0] if e.args else str(e)
-        raise ConfigError(
-            f"Invalid config ({args.config_file} + command line): {message}. Every key must "
-            "exist in detectron2's defaults or in align_detr/config.py (check the spelling)."
-        ) from e
-    try:
-        check_config(cfg)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    cfg.freeze()
-    return cfg
-
-
 def setup(args):
     """Creates the config from the command line and performs detectron2's basic setup."""
-    cfg = load_config(args)
+    register_trees()  # this project's datasets, when their files exist
+    cfg = load_config(args.config_file, args.opts)
     default_setup(cfg, args)
     return cfg
 
@@ -166,22 +133,7 @@ def main(args):
                 "--eval-only without MODEL.WEIGHTS evaluates a randomly initialised model."
             )
         model = Trainer.build_model(cfg)
-        checkpointer = AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
-        ema = ModelEMA(model, cfg.MODEL.ALIGN_DETR.EMA.DECAY)
-        if cfg.MODEL.ALIGN_DETR.EMA.ENABLED:
-            checkpointer.add_checkpointable("ema", ema)
-        extra = checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-        if cfg.MODEL.ALIGN_DETR.EMA.ENABLED:
-            if not ema.loaded and "ema" in extra:  # MODEL.WEIGHTS: checkpointables are not read
-                ema.load_state_dict(extra["ema"])
-            if ema.loaded:
-                ema.copy_to(model)  # evaluate the EMA weights, as training's evaluations do
-                logging.getLogger("align_detr").info("Evaluating the EMA weights")
-            else:
-                logging.getLogger("align_detr").warning(
-                    "MODEL.ALIGN_DETR.EMA.ENABLED but the checkpoint has no EMA weights; "
-                    "evaluating its plain weights."
-                )
+        Trainer.load_for_evaluation(cfg, model, resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
@@ -198,7 +150,9 @@ def invoke_main() -> None:
     # Check once here, before any process is spawned, so a missing input is one plain message
     # rather than a traceback per process. main() checks again for callers that skip this.
     try:
-        check_inputs(load_config(args), eval_only=args.eval_only, resume=args.resume)
+        register_trees()
+        cfg = load_config(args.config_file, args.opts)
+        check_inputs(cfg, eval_only=args.eval_only, resume=args.resume)
     except (FileNotFoundError, ConfigError) as e:
         sys.exit(str(e))
     launch(

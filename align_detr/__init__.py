@@ -1,14 +1,12 @@
-"""align-detr: Align-DETR and SD-DETR on a DINO-style deformable DETR, for detectron2.
+# Copyright (c) align-detr contributors.
+"""align-detr: Align-DETR and SD-DETR on DETR base detectors, for detectron2.
 
-Importing the package loads the compiled ops and registers the meta-architecture, backbones
-and datasets with detectron2.
+Importing the package is cheap: it defines the config keys only. The model, backbones and base
+detectors are registered with detectron2 by importing :mod:`align_detr.modeling`; the compiled
+ops are loaded by :mod:`align_detr.layers` and :mod:`align_detr.matching`; ``train_net.py`` and
+``demo/demo.py`` register this project's datasets (:func:`align_detr.data.register_trees`).
 """
 
-from . import _ext  # loads align_detr._C and registers fake kernels / autograd
-from . import layers  # noqa: F401
-from . import matching  # noqa: F401
-from . import modeling  # noqa: F401  (registers AlignDETR)
-from . import data, engine  # noqa: F401
-from .config import add_align_detr_config  # noqa: F401
+from .config import add_align_detr_config, load_config  # noqa: F401
 
 __version__ = "0.1.0"

@@ -22,21 +22,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def measure(config, size, repeat, mode, opts):
     import torch
 
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    sys.path.insert(0, ROOT)
     from detectron2.modeling import build_model
-    from model_utils import batched_input, synthetic_image, tiny_cfg  # noqa: F401
 
-    from detectron2.config import get_cfg
-
-    import align_detr  # noqa: F401
-    from align_detr.config import add_align_detr_config
+    import align_detr.modeling  # noqa: F401  (registers the model)
+    from align_detr.config import load_config
+    from align_detr.utils.synthetic import batched_input, synthetic_image
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     torch.manual_seed(0)
-    cfg = get_cfg()
-    add_align_detr_config(cfg)
-    cfg.merge_from_file(config)
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""] + opts)
+    cfg = load_config(config, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""] + opts)
     model = build_model(cfg)
     boxes = [(20 + 40 * i, 30 + 30 * (i % 3), 80 + 40 * i, 120 + 30 * (i % 3)) for i in range(10)]
     img = synthetic_image(size, size, boxes=boxes)

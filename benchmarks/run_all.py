@@ -31,11 +31,10 @@ def _ms(seconds: float) -> str:
 
 
 def collect(size: int = 512, skip_model: bool = False):
-    import torch
-
     import matching
     import model
     import ms_deform_attn
+    import torch
 
     rows = []  # (benchmark, case, ours_s, reference_s or None, note)
     t0 = time.time()

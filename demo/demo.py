@@ -27,11 +27,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
-import align_detr  # noqa: E402,F401  (registers the model, backbones and datasets)
-from align_detr.config import add_align_detr_config  # noqa: E402
+import align_detr.modeling  # noqa: E402,F401  (registers the model, backbones and bases)
+from align_detr.config import load_config  # noqa: E402
+from align_detr.data import register_trees  # noqa: E402
 from align_detr.engine.predictor import Predictor, draw_predictions  # noqa: E402
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -57,14 +57,8 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def setup_cfg(args):
-    if not os.path.isfile(args.config_file):
-        raise FileNotFoundError(f"config file not found: {os.path.abspath(args.config_file)}")
-    cfg = get_cfg()
-    add_align_detr_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
-    return cfg
+    register_trees()  # the quickstart's class names, when its data exists
+    return load_config(args.config_file, args.opts)
 
 
 def expand_inputs(patterns: List[str]) -> List[str]:

@@ -5,13 +5,10 @@ import math
 
 import pytest
 import torch
-
 from detectron2.modeling import build_model
+from helpers import batched_input, synthetic_image, tiny_cfg
 
-import align_detr  # noqa: F401
 from align_detr.losses import align_cls_loss, rank_weights
-
-from model_utils import batched_input, synthetic_image, tiny_cfg
 
 
 def dense_align_loss(logits, pos_query, pos_label, pos_iou, pos_weight, alpha, gamma, norm):
@@ -99,7 +96,7 @@ def align_model(k_enc_and_aux=2):
         "MODEL.ALIGN_DETR.LOSS.TYPE",
         "align",
         "MODEL.ALIGN_DETR.LOSS.MATCH_K",
-        f"[{k_enc_and_aux}, {k_enc_and_aux}, 1]",
+        f"[{k_enc_and_aux}]",
     )
     return build_model(cfg).train()
 

@@ -9,17 +9,14 @@ import uuid
 
 import pytest
 import torch
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import register_coco_instances
 from detectron2.engine import default_argument_parser
 from detectron2.structures import BoxMode
+from helpers import ROOT, register_coco, unregister, write_coco
 
-import train_driver  # noqa: F401  (puts the repository root on sys.path)
 import train_net
-from align_detr.engine.data import DatasetValidationError, validate_dataset_dicts
+from align_detr.config import ConfigError, load_config
+from align_detr.data import DatasetValidationError, validate_dataset_dicts
 from align_detr.losses import SetCriterion
-from model_utils import ROOT
-from test_train_net import write_coco
 
 
 @pytest.fixture
@@ -37,14 +34,13 @@ def dataset(tmp_path):
             with open(json_file, "w") as f:
                 json.dump(coco, f)
         name = f"bad_{uuid.uuid4().hex[:8]}"
-        register_coco_instances(name, {}, json_file, str(folder))
+        register_coco(name, json_file, str(folder))
         names.append(name)
         return name
 
     yield make
     for name in names:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
+        unregister(name)
 
 
 def _train(tmp_path, name, *opts):
@@ -137,13 +133,12 @@ def test_bad_images_and_boxes_are_skipped_and_training_runs(tmp_path, dataset, c
 
 
 def test_config_unknown_key(tmp_path):
-    with pytest.raises(train_net.ConfigError, match="MODEL.ALIGN_DETR.LOSS.TUA"):
+    with pytest.raises(ConfigError, match="MODEL.ALIGN_DETR.LOSS.TUA"):
         _train(tmp_path, "unused", "MODEL.ALIGN_DETR.LOSS.TUA", "1.0")
     cfg_file = tmp_path / "typo.yaml"
     cfg_file.write_text(f'_BASE_: "{ROOT}/configs/tiny_test.yaml"\nSOLVER:\n  MAX_ITERS: 3\n')
-    args = default_argument_parser().parse_args(["--config-file", str(cfg_file)])
-    with pytest.raises(train_net.ConfigError, match="SOLVER.MAX_ITERS"):
-        train_net.load_config(args)
+    with pytest.raises(ConfigError, match="SOLVER.MAX_ITERS"):
+        load_config(str(cfg_file))
 
 
 @pytest.mark.parametrize(
@@ -158,7 +153,7 @@ def test_config_unknown_key(tmp_path):
     ],
 )
 def test_config_impossible_values(tmp_path, key, value, message):
-    with pytest.raises(train_net.ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):
         _train(tmp_path, "unused", key, value)
 
 

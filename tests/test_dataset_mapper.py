@@ -7,11 +7,10 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
+from helpers import repo_cfg
 
-from align_detr.config import add_align_detr_config
 from align_detr.data import DetrDatasetMapper
 
 H, W = 60, 80
@@ -90,8 +89,7 @@ def test_train_crop_clips_and_removes_boxes(dataset_dict):
 
 
 def test_test_mode_exact_resize_and_no_annotations(dataset_dict):
-    cfg = get_cfg()
-    add_align_detr_config(cfg)
+    cfg = repo_cfg("Base-AlignDETR.yaml")  # the DETR data recipe
     cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 2 * H, 1333
     mapper = DetrDatasetMapper(cfg, is_train=False)
     assert mapper.augmentations_with_crop is None
@@ -102,8 +100,7 @@ def test_test_mode_exact_resize_and_no_annotations(dataset_dict):
 
 
 def test_from_config_pipelines():
-    cfg = get_cfg()
-    add_align_detr_config(cfg)
+    cfg = repo_cfg("Base-AlignDETR.yaml")  # the DETR data recipe
     cfg.INPUT.MIN_SIZE_TRAIN = tuple(range(480, 801, 32))
     train = DetrDatasetMapper(cfg, is_train=True)
     plain = train.augmentations.augs
@@ -127,8 +124,7 @@ def test_from_config_pipelines():
 
 def test_random_pipeline_from_config(dataset_dict):
     # The real random pipeline at a small scale: both branches run, every output is valid.
-    cfg = get_cfg()
-    add_align_detr_config(cfg)
+    cfg = repo_cfg("Base-AlignDETR.yaml")  # the DETR data recipe
     cfg.INPUT.FORMAT = "RGB"
     cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (64, 96), 1333
     cfg.INPUT.CROP_PRE_RESIZE, cfg.INPUT.CROP.SIZE = (48, 60), (20, 40)

@@ -2,18 +2,14 @@
 checkpoint): it writes drawings of the input's size and fails clearly on bad inputs; and
 tools/plot_metrics.py draws a detectron2 metrics.json."""
 
-import importlib.util
 import json
 import os
-import sys
 
 import cv2
 import pytest
-
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
-
-from model_utils import ROOT, synthetic_image, tiny_cfg
+from helpers import ROOT, load_script, synthetic_image, tiny_cfg
 
 TINY_MNV2 = [
     "MODEL.BACKBONE.NAME",
@@ -25,16 +21,9 @@ TINY_MNV2 = [
 ]
 
 
-def load_module(path, name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def demo():
-    return load_module("demo/demo.py", "align_detr_demo")
+    return load_script("demo/demo.py")
 
 
 @pytest.fixture
@@ -110,8 +99,7 @@ def test_demo_clear_errors(demo, tiny, tmp_path, capsys):
 
 
 def test_plot_metrics(tmp_path):
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import plot_metrics
+    plot_metrics = load_script("tools/plot_metrics.py")
 
     metrics = tmp_path / "metrics.json"
     lines = [

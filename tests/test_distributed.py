@@ -7,9 +7,8 @@ import subprocess
 import sys
 
 import torch
-
 import train_driver
-from model_utils import ROOT
+from helpers import ROOT
 
 # DN off: its noise is drawn per process, so it differs between 1 and 2 processes by design.
 # Plain SGD without clipping: unlike AdamW, its step scales with the loss, so a wrong loss

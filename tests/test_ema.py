@@ -6,9 +6,9 @@ import os
 
 import pytest
 import torch
+import train_driver
 from torch import nn
 
-import train_driver
 import train_net
 from align_detr.engine import Trainer
 from align_detr.engine.hooks import ModelEMA

@@ -8,8 +8,7 @@ import subprocess
 import sys
 
 import pytest
-
-from model_utils import ROOT
+from helpers import ROOT
 
 
 @pytest.mark.parametrize("seed", [0])

@@ -6,12 +6,11 @@ import os
 import numpy as np
 import pytest
 import torch
-
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import build_backbone
+from helpers import tiny_cfg
 
 from align_detr.modeling.mobilenet import MobileNetV2Backbone, mobilenet_v2_imagenet_path
-from model_utils import tiny_cfg
 
 
 def has_weights():
@@ -33,6 +32,8 @@ def test_registered_strides_and_channels():
         "build_mobilenet_v2_backbone",
         "MODEL.MOBILENET_V2.PRETRAINED",
         "False",
+        "MODEL.ALIGN_DETR.IN_FEATURES",
+        "['s8', 's16', 's32']",
     )
     backbone = build_backbone(cfg, ShapeSpec(channels=3))
     shapes = backbone.output_shape()

@@ -3,15 +3,12 @@ inference output and checkpoint round trip."""
 
 import pytest
 import torch
-
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
-from detectron2.structures import pairwise_iou, Boxes
+from detectron2.structures import Boxes, pairwise_iou
+from helpers import batched_input, synthetic_image, tiny_cfg
 
-import align_detr  # noqa: F401  (registers AlignDETR)
 from align_detr.modeling import build_denoising_queries
-
-from model_utils import batched_input, synthetic_image, tiny_cfg
 
 BOXES = ((20, 30, 70, 90), (80, 10, 120, 60))
 
@@ -69,27 +66,21 @@ def test_dn_groups_do_not_influence_matching_queries():
     torch.manual_seed(0)
     inputs = [batched_input(img, BOXES, [0, 1])]
     images, mask = model.preprocess_image(inputs)
-    srcs = model.neck(model.backbone(images.tensor))
-    masks = [
-        torch.nn.functional.interpolate(mask[None].float(), size=s.shape[-2:])[0].bool()
-        for s in srcs
-    ]
-    pos = [model.position_embedding(m) for m in masks]
-    t = model.transformer
-    enc = t.encode(srcs, masks, pos)
-    sel = t.select_queries(enc, model.class_heads[-1], model.box_heads[-1])
+    srcs, masks, pos = model.transformer_inputs(images, mask)
+    t, heads = model.transformer, model.heads
+    memory = t.encoder(srcs, masks, pos)
+    sel = t.query_selector(memory, heads.class_heads[-1], heads.box_heads[-1])
     targets = model.prepare_targets(inputs, images)
     content, ref, attn_mask, meta = build_denoising_queries(
-        targets, 4, 0.5, 1.0, model.num_classes, model.label_embed, sel["tgt"].shape[1]
+        targets, 4, 0.5, 1.0, heads.num_classes, t.denoising.label_embed, sel.ref_unact.shape[1]
     )
     assert meta.num_groups == 2
 
     def run(dn_content):
-        tgt = torch.cat([dn_content, sel["tgt"]], 1)
-        hidden, _ = t.decode(
-            tgt, torch.cat([ref, sel["ref_unact"]], 1), enc, model.box_heads, attn_mask
-        )
-        return hidden[-1]
+        queries = sel.queries.map(lambda x: torch.cat([dn_content, x], 1))
+        ref_unact = torch.cat([ref, sel.ref_unact], 1)
+        hidden, _ = t.decoder(queries, ref_unact, memory, heads.box_heads, attn_mask)
+        return hidden[-1].cls
 
     with torch.no_grad():
         base = run(content)
@@ -122,9 +113,11 @@ def test_overfits_one_image_and_finds_both_boxes():
     model.train()
     img = synthetic_image(boxes=BOXES)
     batch = [batched_input(img, BOXES, [0, 1])]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=1e-4)
+    # lr 1e-3 x 120 steps: at 3e-4 x 90 whether both boxes are found depended on the seed (both
+    # before and after the model was split into parts); this passes for seeds 0-3.
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
     history = []
-    for _ in range(90):
+    for _ in range(120):
         losses = model(batch)
         total = sum(losses.values())
         opt.zero_grad()

@@ -3,18 +3,14 @@ sliver rule, unique ids, label mapping, idempotence; and the trees_* dataset reg
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from helpers import load_script
 from PIL import Image
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
-
-from model_utils import ROOT
-
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import prepare_trees as pt  # noqa: E402
+pt = load_script("tools/prepare_trees.py")
 
 VOC = """<annotation><filename>{name}.tif</filename>
 <size><width>{w}</width><height>{h}</height><depth>3</depth></size>{objects}</annotation>"""

@@ -1,35 +1,30 @@
 """The quickstart config builds its model (MobileNetV2 neck inputs, one class, enough queries for
 dense crowns) and tools/ablate_loss.py builds the two loss variants for it."""
 
-import os
-import sys
-
 import torch
-
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
+from helpers import load_script, repo_cfg
 
-from align_detr.config import add_align_detr_config
-from model_utils import ROOT
+from align_detr.config import resolve_match_k
+from align_detr.modeling import BASE_REGISTRY
 
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import ablate_loss  # noqa: E402
-
-QUICKSTART = os.path.join(ROOT, "configs", "quickstart", "align_mnv2_trees.yaml")
+ablate_loss = load_script("tools/ablate_loss.py")
 
 
 def quickstart_cfg(*opts):
-    cfg = get_cfg()
-    add_align_detr_config(cfg)
-    cfg.merge_from_file(QUICKSTART)
-    cfg.merge_from_list(list(opts))
-    return cfg
+    return repo_cfg("quickstart/align_mnv2_trees.yaml", *opts)
+
+
+def match_k(cfg):
+    """MATCH_K resolved to one k per matched output (encoder + each decoder layer)."""
+    c = cfg.MODEL.ALIGN_DETR
+    return resolve_match_k(c.LOSS.MATCH_K, BASE_REGISTRY.get(c.BASE).num_matched_outputs(cfg))
 
 
 def test_quickstart_config_builds():
     cfg = quickstart_cfg("MODEL.MOBILENET_V2.PRETRAINED", "False")
     c = cfg.MODEL.ALIGN_DETR
-    assert c.LOSS.TYPE == "align" and list(c.LOSS.MATCH_K) == [2] * c.DECODER.NUM_LAYERS + [1]
+    assert c.LOSS.TYPE == "align" and match_k(cfg) == [2] * c.DECODER.NUM_LAYERS + [1]
     assert c.NUM_QUERIES >= 100 and c.NUM_SELECT >= 100 and c.NUM_CLASSES == 1
     assert cfg.INPUT.FORMAT == "RGB" and list(cfg.MODEL.PIXEL_MEAN) == [123.675, 116.28, 103.53]
     model = build_model(cfg).eval()
@@ -39,14 +34,8 @@ def test_quickstart_config_builds():
 
 
 def test_ablation_variants():
-    assert ablate_loss.num_decoder_layers(QUICKSTART) == 3
-    v = ablate_loss.variants(3)
-    assert v["align"] == [
-        "MODEL.ALIGN_DETR.LOSS.TYPE",
-        "align",
-        "MODEL.ALIGN_DETR.LOSS.MATCH_K",
-        "[2, 2, 2, 1]",
-    ]
-    assert v["focal"][1] == "focal" and v["focal"][3] == "[1, 1, 1, 1]"
-    for opts in v.values():  # both are valid overrides of the config
-        quickstart_cfg(*opts)
+    assert quickstart_cfg().MODEL.ALIGN_DETR.DECODER.NUM_LAYERS == 3
+    v = ablate_loss.VARIANTS
+    align, focal = quickstart_cfg(*v["align"]), quickstart_cfg(*v["focal"])
+    assert align.MODEL.ALIGN_DETR.LOSS.TYPE == "align" and match_k(align) == [2, 2, 2, 1]
+    assert focal.MODEL.ALIGN_DETR.LOSS.TYPE == "focal" and match_k(focal) == [1, 1, 1, 1]

@@ -12,9 +12,8 @@ import time
 
 import pytest
 import torch
-
 import train_driver
-from model_utils import ROOT
+from helpers import ROOT, tiny_cfg
 
 OPTS = [
     "SOLVER.MAX_ITER", "8", "SOLVER.STEPS", "(5,)", "SOLVER.CHECKPOINT_PERIOD", "3",
@@ -146,9 +145,7 @@ def _batches(loader, n):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_loader_stream_is_a_function_of_position(workers):
-    from model_utils import tiny_cfg
-
-    from align_detr.engine.data import build_resumable_train_loader
+    from align_detr.data import build_resumable_train_loader
 
     # Two aspect-ratio buckets (wide / tall), so the batches are not just consecutive images.
     dataset = [{"file_name": f"{i}.png", "image_id": i, "height": 20, "width": 10 + 20 * (i % 3 == 0)}

@@ -4,17 +4,16 @@ import os
 
 import pytest
 import torch
-
 from detectron2.modeling import build_model
+from helpers import ROOT, batched_input, synthetic_image, tiny_cfg
+from test_train_net import run
 
-import align_detr  # noqa: F401
-from align_detr.layers import MSDeformAttn
+from align_detr.layers import FFN, MSDeformAttn
 from align_detr.losses.tal import tal_cls_loss
+from align_detr.modeling import Streams
+from align_detr.modeling.decoder import DeformableCrossAttentionBlock, SelfAttentionBlock
 from align_detr.modeling.decoupled import DecoupledDecoderLayer, TaskAwareQueryGenerator
-from align_detr.modeling.transformer import FFN
-
-from model_utils import ROOT, batched_input, synthetic_image, tiny_cfg
-from test_train_net import run, tiny_dataset  # noqa: F401  (fixture)
+from align_detr.modeling.encoder import EncoderMemory
 
 BOXES = ((20, 30, 70, 90), (80, 10, 120, 60))
 SD = (
@@ -46,11 +45,11 @@ def test_decoupled_outputs_and_gradients_reach_both_streams(dn):
     assert ("loss_class_dn" in losses) == (dn == "True")
     opt.zero_grad()
     sum(model(batch).values()).backward()
-    for layer in model.transformer.decoder_layers:
-        for cross in (layer.cross_attn_cls, layer.cross_attn_loc):
+    for layer in model.transformer.decoder.layers:
+        for cross in (layer.cross_cls.attn, layer.cross_loc.attn):
             assert cross.sampling_offsets.weight.grad.abs().sum() > 0
             assert cross.value_proj.weight.grad.abs().sum() > 0
-    gen = model.transformer.query_generator
+    gen = model.transformer.query_selector.content
     assert all(h.layers[-1].weight.grad.abs().sum() > 0 for h in gen.point_heads)
     model.eval()
     with torch.no_grad():
@@ -74,11 +73,11 @@ def sampling_locations(model, img):
     """Sampling offsets the two streams' cross-attentions predict for the same input."""
     seen = {}
     hooks = [
-        layer.__getattr__(name).sampling_offsets.register_forward_hook(
+        layer.__getattr__(name).attn.sampling_offsets.register_forward_hook(
             lambda m, i, o, key=(li, name): seen.__setitem__(key, o.detach().clone())
         )
-        for li, layer in enumerate(model.transformer.decoder_layers)
-        for name in ("cross_attn_cls", "cross_attn_loc")
+        for li, layer in enumerate(model.transformer.decoder.layers)
+        for name in ("cross_cls", "cross_loc")
     ]
     with torch.no_grad():
         model.eval()
@@ -94,7 +93,7 @@ def test_streams_look_at_different_places_after_training():
     model = build_model(tiny_cfg(*SD, "MODEL.ALIGN_DETR.NUM_CLASSES", "2")).train()
     img = synthetic_image(boxes=BOXES)
     before = sampling_locations(model, img)
-    assert torch.allclose(before[(1, "cross_attn_cls")], before[(1, "cross_attn_loc")])  # same init
+    assert torch.allclose(before[(1, "cross_cls")], before[(1, "cross_loc")])  # same init
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for _ in range(5):
         loss = sum(model([batched_input(img, BOXES, [0, 1])]).values())
@@ -103,27 +102,29 @@ def test_streams_look_at_different_places_after_training():
         opt.step()
     after = sampling_locations(model, img)
     for li in range(2):
-        diff = (after[(li, "cross_attn_cls")] - after[(li, "cross_attn_loc")]).abs().max()
+        diff = (after[(li, "cross_cls")] - after[(li, "cross_loc")]).abs().max()
         assert diff > 1e-3, f"layer {li}: both streams still sample the same locations"
 
 
 def test_decoupled_layer_tiles_the_attention_mask():
-    layer = DecoupledDecoderLayer(16, 1, 2, 2, 32, 0.0).eval()
+    layer = DecoupledDecoderLayer(
+        SelfAttentionBlock(16, 2), lambda: DeformableCrossAttentionBlock(16, 1, 2, 2, 32, 0.0)
+    ).eval()
     n, q, s = 1, 4, 9
-    memory = torch.randn(n, s, 16)
     shapes, starts = torch.tensor([[3, 3]]), torch.tensor([0])
+    memory = EncoderMemory(torch.randn(n, s, 16), None, shapes, starts, None, [(3, 3)])
     ref = torch.rand(n, q, 1, 4) * 0.5 + 0.25
     mask = torch.zeros(q, q, dtype=torch.bool)
     mask[2:, :2] = True  # queries 2, 3 must not see 0, 1
     q_cls, q_loc = torch.randn(n, q, 16), torch.randn(n, q, 16)
     pos = torch.randn(n, q, 16)
-    args = (pos, ref, memory, shapes, starts, None, mask)
-    out = layer((q_cls, q_loc), *args)
+    args = (pos, ref, memory, mask)
+    out = layer(Streams(q_cls, q_loc), *args)
     q_cls2, q_loc2 = q_cls.clone(), q_loc.clone()
     q_cls2[:, :2] += 3.0
     q_loc2[:, :2] -= 3.0
-    out2 = layer((q_cls2, q_loc2), *args)
-    for a, b in zip(out, out2):
+    out2 = layer(Streams(q_cls2, q_loc2), *args)
+    for a, b in ((out.cls, out2.cls), (out.loc, out2.loc)):
         torch.testing.assert_close(a[:, 2:], b[:, 2:])  # blocked in both streams
 
 

@@ -2,39 +2,34 @@
 """The DETR optimizer and schedule, the YAML configs, and train_net.py's input checks."""
 
 import glob
-import importlib.util
 import json
 import os
 
 import pytest
 import torch
-from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import register_coco_instances
+from detectron2.data import MetadataCatalog
 from detectron2.engine import default_argument_parser
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_backbone
+from helpers import ROOT, register_coco, repo_cfg, unregister
 from torch import nn
 
-from align_detr.config import add_align_detr_config
+import train_net
+from align_detr.config import resolve_match_k
 from align_detr.engine import Trainer
+from align_detr.modeling import BASE_REGISTRY
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
 
 
 def _cfg(config="Base-AlignDETR.yaml"):
-    cfg = get_cfg()
-    add_align_detr_config(cfg)
-    cfg.merge_from_file(os.path.join(ROOT, "configs", config))
-    return cfg
+    return repo_cfg(config)
 
 
-def _train_net():
-    spec = importlib.util.spec_from_file_location("train_net", os.path.join(ROOT, "train_net.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _match_k(cfg):
+    """MATCH_K resolved to one k per matched output of the config's base."""
+    base = BASE_REGISTRY.get(cfg.MODEL.ALIGN_DETR.BASE)
+    return resolve_match_k(cfg.MODEL.ALIGN_DETR.LOSS.MATCH_K, base.num_matched_outputs(cfg))
 
 
 class ToyDetr(nn.Module):
@@ -138,11 +133,11 @@ def test_lr_schedule_no_warmup_multistep():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_configs_merge(path):
-    # merge_from_file raises on any key add_align_detr_config does not define.
+    # load_config raises on any key add_align_detr_config does not define, and validates.
     cfg = _cfg(os.path.basename(path))
     a = cfg.MODEL.ALIGN_DETR
     assert cfg.MODEL.META_ARCHITECTURE == "AlignDETR"
-    assert len(a.LOSS.MATCH_K) == a.DECODER.NUM_LAYERS + 1  # encoder + every decoder layer
+    assert len(_match_k(cfg)) == a.DECODER.NUM_LAYERS + 1  # encoder + every decoder layer
     assert cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE == "full_model" and cfg.SOLVER.WARMUP_ITERS == 0
 
 
@@ -165,9 +160,7 @@ def test_dino_r50_recipe():
     assert cfg.TEST.EVAL_PERIOD == 5000 and cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
     assert cfg.MODEL.WEIGHTS == "detectron2://ImageNetPretrained/torchvision/R-50.pkl"
     assert cfg.INPUT.MIN_SIZE_TRAIN == tuple(range(480, 801, 32)) and cfg.INPUT.FORMAT == "RGB"
-    assert (
-        cfg.MODEL.ALIGN_DETR.LOSS.TYPE == "focal" and cfg.MODEL.ALIGN_DETR.LOSS.MATCH_K == [1] * 7
-    )
+    assert cfg.MODEL.ALIGN_DETR.LOSS.TYPE == "focal" and _match_k(cfg) == [1] * 7
 
 
 def test_tiny_config_builds_its_backbone():
@@ -185,7 +178,7 @@ def test_train_net_setup(tmp_path):
         ["--config-file", os.path.join(ROOT, "configs", "tiny_test.yaml"),
          "OUTPUT_DIR", str(tmp_path), "SOLVER.MAX_ITER", "2"]
     )  # fmt: skip
-    cfg = _train_net().setup(args)
+    cfg = train_net.setup(args)
     assert cfg.is_frozen() and cfg.SOLVER.MAX_ITER == 2 and cfg.MODEL.ALIGN_DETR.D_MODEL == 32
     assert os.path.isfile(tmp_path / "config.yaml")
 
@@ -197,14 +190,11 @@ def registered(tmp_path):
     json_file.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
     image_root.mkdir()
     names = {"ok": "_test_ok", "missing": "_test_missing"}
-    register_coco_instances(names["ok"], {}, str(json_file), str(image_root))
-    register_coco_instances(
-        names["missing"], {}, str(tmp_path / "nope.json"), str(tmp_path / "no_images")
-    )
+    register_coco(names["ok"], str(json_file), str(image_root))
+    register_coco(names["missing"], str(tmp_path / "nope.json"), str(tmp_path / "no_images"))
     yield names
     for name in names.values():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
+        unregister(name)
 
 
 def _check_cfg(train=(), test=(), weights=""):
@@ -214,7 +204,7 @@ def _check_cfg(train=(), test=(), weights=""):
 
 
 def test_check_inputs_passes(registered, tmp_path):
-    check = _train_net().check_inputs
+    check = train_net.check_inputs
     check(_check_cfg(train=(registered["ok"],), test=(registered["ok"],)))
     # URLs are the checkpointer's business; only the training set can be missing at eval time.
     check(_check_cfg(test=(registered["ok"],), weights="detectron2://x/R-50.pkl"))
@@ -227,7 +217,7 @@ def test_check_inputs_passes(registered, tmp_path):
 
 
 def test_check_inputs_messages(registered, tmp_path):
-    check = _train_net().check_inputs
+    check = train_net.check_inputs
     with pytest.raises(FileNotFoundError) as e:
         check(_check_cfg(train=("no_such_set",), test=(registered["missing"],)))
     msg = str(e.value)
@@ -252,6 +242,6 @@ def test_check_inputs_builtin_coco():
     if os.path.exists(val_json):
         pytest.skip("COCO is present on this machine")
     with pytest.raises(FileNotFoundError) as e:
-        _train_net().check_inputs(_cfg("dino_r50.yaml"), eval_only=True)
+        train_net.check_inputs(_cfg("dino_r50.yaml"), eval_only=True)
     assert "'coco_2017_val' (DATASETS.TEST): annotation file not found: " in str(e.value)
     assert os.path.abspath(val_json) in str(e.value) and "cocodataset.org" in str(e.value)

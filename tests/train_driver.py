@@ -9,35 +9,18 @@ process. After training each process saves its model weights to OUT_DIR/params_r
 
 import argparse
 import os
-import sys
 
 import torch
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-for p in (HERE, ROOT):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+from helpers import ROOT, register_coco, write_coco
 
 DATASET = "driver_coco"
 
 
 def register(data_dir: str, num_images: int = 4) -> str:
-    from detectron2.data import DatasetCatalog
-    from detectron2.data.datasets import register_coco_instances
-
-    from test_train_net import write_coco
-
     json_file = os.path.join(data_dir, "annotations.json")
     if not os.path.isfile(json_file):
         write_coco(data_dir, num_images=num_images)
-    if DATASET in DatasetCatalog.list():
-        from detectron2.data import MetadataCatalog
-
-        DatasetCatalog.remove(DATASET)
-        MetadataCatalog.remove(DATASET)
-    register_coco_instances(DATASET, {}, json_file, data_dir)
-    return DATASET
+    return register_coco(DATASET, json_file, data_dir)
 
 
 def train_args(out_dir, opts=(), resume=False, num_gpus=1):
@@ -54,9 +37,9 @@ def worker(args, data_dir, writer_period, threads):
     """One process: register the data, train, save this rank's weights."""
     torch.set_num_threads(threads)
     register(data_dir)
-    import train_net
     from detectron2.utils import comm
 
+    import train_net
     from align_detr.engine import Trainer
     from align_detr.engine.hooks import unwrap_model
 

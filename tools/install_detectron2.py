@@ -1,4 +1,4 @@
-"""Install detectron2's pure-Python code into the current environment (see DESIGN.md).
+"""Install detectron2's pure-Python code into the current environment (see docs/design.md).
 
 detectron2 is not on PyPI. ``sal-detectron2==0.7.2`` is upstream detectron2 main of 2024-04-17
 repackaged; its wheel is tagged cp310 (its bundled ``_C`` is never loaded by Python 3.11, so

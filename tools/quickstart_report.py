@@ -22,13 +22,13 @@ import cv2
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import DatasetCatalog  # noqa: E402
-
-import align_detr  # noqa: E402,F401
-from align_detr.config import add_align_detr_config  # noqa: E402
-from align_detr.engine.predictor import Predictor, draw_predictions  # noqa: E402
 from plot_metrics import last_eval, plot  # noqa: E402
+
+import align_detr.modeling  # noqa: E402,F401  (registers the model)
+from align_detr.config import load_config  # noqa: E402
+from align_detr.data import register_trees  # noqa: E402
+from align_detr.engine.predictor import Predictor, draw_predictions  # noqa: E402
 
 
 def main(argv=None):
@@ -40,10 +40,8 @@ def main(argv=None):
     parser.add_argument("opts", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
 
-    cfg = get_cfg()
-    add_align_detr_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    register_trees()
+    cfg = load_config(args.config_file, args.opts, freeze=False)
     out_dir = cfg.OUTPUT_DIR
     if not cfg.MODEL.WEIGHTS:
         cfg.MODEL.WEIGHTS = os.path.join(out_dir, "model_final.pth")

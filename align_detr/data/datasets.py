@@ -1,5 +1,6 @@
 # Copyright (c) align-detr contributors.
-"""Datasets of this project, registered with detectron2 when their files exist.
+"""Datasets of this project, registered with detectron2 by :func:`register_trees` (which
+``train_net.py``, ``demo/demo.py`` and the tools call) when their files exist.
 
 ``trees_train`` / ``trees_val``: the tree-crown quickstart data written by
 ``tools/prepare_trees.py`` under ``$ALIGN_DETR_DATASETS/trees`` (default ``./datasets/trees``).
@@ -36,6 +37,3 @@ def register_trees(root: str = None) -> list:
         register_coco_instances(name, {"thing_classes": list(TREE_CLASSES)}, json_file, image_root)
         done.append(name)
     return done
-
-
-register_trees()

@@ -4,11 +4,14 @@
 import os
 import pickle
 import zipfile
+from typing import Dict, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-__all__ = ["AtomicCheckpointer", "CheckpointLoadError", "atomic_write"]
+from .d2_compat import clear_parsed_url
+
+__all__ = ["AtomicCheckpointer", "CheckpointLoadError", "atomic_write", "load_checkpoint"]
 
 
 class CheckpointLoadError(RuntimeError):
@@ -72,7 +75,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         try:
             return super().load(path, *args, **kwargs)
         finally:
-            self._parsed_url_during_load = None  # detectron2 leaves it set when loading fails
+            clear_parsed_url(self)
 
     def _load_file(self, filename):
         try:
@@ -113,3 +116,25 @@ class AtomicCheckpointer(DetectionCheckpointer):
                 "of another model, or of a different config."
             )
         return incompatible
+
+
+def load_checkpoint(
+    checkpointer: DetectionCheckpointer, weights: str, resume: bool, ema=None
+) -> Tuple[Dict, bool]:
+    """The one way weights are loaded for training and for ``--eval-only``.
+
+    With ``resume`` and a checkpoint in the checkpointer's folder, that checkpoint is loaded with
+    everything registered on the checkpointer (optimizer, scheduler, EMA, ...); otherwise
+    ``weights`` (``MODEL.WEIGHTS``) is loaded into the model, and ``ema`` (a ``ModelEMA``,
+    optional) takes the file's EMA weights when it has them.
+
+    Returns:
+        (the checkpoint's remaining entries, whether a checkpoint was resumed)
+    """
+    if ema is not None:
+        ema.loaded = False
+    checkpoint = checkpointer.resume_or_load(weights, resume=resume)
+    resumed = resume and checkpointer.has_checkpoint()
+    if ema is not None and not ema.loaded and "ema" in checkpoint:
+        ema.load_state_dict(checkpoint["ema"])  # MODEL.WEIGHTS: checkpointables are not read
+    return checkpoint, resumed

@@ -5,17 +5,16 @@ import contextlib
 import json
 import logging
 import os
-import random
 from typing import Dict, Optional
 
-import numpy as np
 import torch
 from detectron2.engine import HookBase
 from detectron2.utils import comm
-from fvcore.common.history_buffer import HistoryBuffer
 from torch import nn
 
-from .data import ResumableBatchSampler, derive_seed
+from ..data import ResumableBatchSampler
+from ..utils.seed import derive_seed, seed_all_rngs
+from .d2_compat import history_state, restore_history
 
 __all__ = ["EMAHook", "ModelEMA", "ResumeStateHook", "unwrap_model"]
 
@@ -41,7 +40,7 @@ class ModelEMA:
 
     def __init__(self, model: nn.Module, decay: float = 0.9997):
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+            raise ValueError(f"ModelEMA: decay must be in [0, 1), got {decay}")
         self.decay = decay
         self.updates = 0
         self.loaded = False  # set by load_state_dict
@@ -132,32 +131,21 @@ class ResumeStateHook(HookBase):
     def before_train(self):
         start = self.trainer.start_iter
         if self._restored_storage:
-            storage = self.trainer.storage
-            for name, buf in self._restored_storage.items():
-                h = HistoryBuffer(max_length=1000000)
-                h._data = [tuple(x) for x in buf["data"]]
-                h._count, h._global_avg = buf["count"], buf["global_avg"]
-                storage._history[name] = h
+            for name, state in self._restored_storage.items():
+                restore_history(self.trainer.storage, name, state)
             self._restored_storage = None
         if getattr(self.trainer, "resume_requested", False) and comm.is_main_process():
             _truncate_metrics(os.path.join(self._output_dir, "metrics.json"), start)
 
     def before_step(self):
-        seed = derive_seed(self._sampler.seed, self.trainer.iter, comm.get_rank())
-        torch.manual_seed(seed)
-        np.random.seed(seed % (1 << 32))
-        random.seed(seed)
+        seed_all_rngs(derive_seed(self._sampler.seed, self.trainer.iter, comm.get_rank()))
 
     def state_dict(self):
         storage = getattr(self.trainer, "storage", None)
         history = {}
         if storage is not None:
             for name, h in storage.histories().items():
-                history[name] = {
-                    "data": list(h._data[-self._history :]),
-                    "count": h._count,
-                    "global_avg": h._global_avg,
-                }
+                history[name] = history_state(h, self._history)
         return {"seed": self._sampler.seed, "storage": history}
 
     def load_state_dict(self, state):

@@ -1,3 +1,4 @@
+# Copyright (c) align-detr contributors.
 """Box conversions and IoU / GIoU used by the criterion and the model.
 
 Boxes are (cx, cy, w, h) or (x0, y0, x1, y1), normalised or absolute; every function works on

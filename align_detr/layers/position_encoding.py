@@ -1,3 +1,4 @@
+# Copyright (c) align-detr contributors.
 """Sine position encodings: for feature maps (encoder) and for boxes (decoder queries)."""
 
 import math

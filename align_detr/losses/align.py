@@ -1,9 +1,11 @@
+# Copyright (c) align-detr contributors.
 """Align-DETR's classification loss (released IA-BCE form) and rank-based down-weighting."""
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
+
+from .soft_bce import dense_soft_bce
 
 
 def quality_target(
@@ -75,20 +77,3 @@ def align_cls_loss(
     if pos_weight is not None:
         t = t * pos_weight.detach()
     return dense_soft_bce(logits, prob, pos_query, pos_label, t, 1 - t, gamma) / normalizer
-
-
-def dense_soft_bce(logits, prob, pos_query, pos_label, pos_w, pos_neg_w, gamma):
-    """Sum over every (query, class) entry of neg_w * x - (pos_w + neg_w) * logsigmoid(x):
-    a weighted BCE, finite for any logit x. Every entry gets neg_w = p^gamma (in the graph, as
-    in focal loss) and pos_w = 0, except the matched entries, which get (pos_w, pos_neg_w).
-
-    Args:
-        logits, prob: (Q, C) raw scores and their sigmoid.
-        pos_query, pos_label: (P,) matched entries; pos_w, pos_neg_w: (P,) or None when P = 0.
-    """
-    neg_w = prob.pow(gamma)
-    pos = torch.zeros_like(logits)
-    if pos_query.numel() > 0:
-        pos = pos.index_put((pos_query, pos_label), pos_w)
-        neg_w = neg_w.index_put((pos_query, pos_label), pos_neg_w)
-    return (neg_w * logits - (pos + neg_w) * F.logsigmoid(logits)).sum()

@@ -1,3 +1,4 @@
+# Copyright (c) align-detr contributors.
 """The set criterion: matching plus classification and box losses for every output.
 
 Outputs of one forward pass (see AlignDETR.forward): the encoder proposals, each decoder layer,
@@ -9,9 +10,8 @@ shared: "focal" (DINO), "align" (Align-DETR) or "tal" (SD-DETR's task-alignment 
 from typing import Dict, List, Optional, Sequence
 
 import torch
-from torch import nn
-
 from detectron2.utils import comm
+from torch import nn
 
 from align_detr.layers import box_cxcywh_to_xyxy, paired_iou_and_giou
 
@@ -19,7 +19,24 @@ from .align import align_cls_loss, quality_target, rank_weights
 from .focal import sigmoid_focal_loss
 from .tal import tal_cls_loss
 
-LOSS_TYPES = ("focal", "align", "tal")
+
+def _focal_class_loss(crit, logits, query, labels, iou, weight, normalizer):
+    onehot = torch.zeros_like(logits)
+    onehot[query, labels] = 1.0
+    return sigmoid_focal_loss(logits, onehot, crit.focal_alpha, crit.gamma) / normalizer
+
+
+def _align_class_loss(crit, logits, query, labels, iou, weight, normalizer):
+    return align_cls_loss(logits, query, labels, iou, weight, crit.alpha, crit.gamma, normalizer)
+
+
+def _tal_class_loss(crit, logits, query, labels, iou, weight, normalizer):
+    return tal_cls_loss(logits, query, labels, iou, weight, crit.gamma, normalizer)
+
+
+#: Classification losses by name: (criterion, logits (B*Q, C), matched flat query (P,), labels
+#: (P,), IoU (P,), rank weights (P,), normalizer) -> scalar.
+CLASS_LOSSES = {"focal": _focal_class_loss, "align": _align_class_loss, "tal": _tal_class_loss}
 
 
 class SetCriterion(nn.Module):
@@ -54,12 +71,16 @@ class SetCriterion(nn.Module):
         dn_enabled: bool = True,
     ):
         super().__init__()
-        if loss_type not in LOSS_TYPES:
-            raise ValueError(f"LOSS.TYPE must be one of {LOSS_TYPES}, got {loss_type!r}")
+        if loss_type not in CLASS_LOSSES:
+            raise ValueError(
+                f"SetCriterion: loss_type must be one of {sorted(CLASS_LOSSES)}, got {loss_type!r}"
+            )
         if any(int(k) != k or k < 1 for k in match_k):
-            raise ValueError(f"LOSS.MATCH_K entries must be integers >= 1, got {list(match_k)}")
+            raise ValueError(
+                f"SetCriterion: match_k entries must be integers >= 1, got {list(match_k)}"
+            )
         if tau <= 0:
-            raise ValueError(f"LOSS.TAU must be > 0, got {tau}")
+            raise ValueError(f"SetCriterion: tau must be > 0, got {tau}")
         self.num_classes = num_classes
         self.matcher = matcher
         self.match_k = [int(k) for k in match_k]
@@ -112,21 +133,16 @@ class SetCriterion(nn.Module):
             score = logits[batch_idx, query_idx, labels].sigmoid()
             weight = rank_weights(quality_target(score, iou, self.alpha), group, self.tau)
 
-        flat_logits = logits.reshape(b * q, c)
-        flat_query = batch_idx * q + query_idx
-        if self.loss_type == "focal":
-            onehot = torch.zeros_like(flat_logits)
-            onehot[flat_query, labels] = 1.0
-            loss_class = sigmoid_focal_loss(flat_logits, onehot, self.focal_alpha, self.gamma)
-            loss_class = loss_class / normalizer
-        elif self.loss_type == "align":
-            loss_class = align_cls_loss(
-                flat_logits, flat_query, labels, iou, weight, self.alpha, self.gamma, normalizer
-            )
-        else:
-            loss_class = tal_cls_loss(
-                flat_logits, flat_query, labels, iou, weight, self.gamma, normalizer
-            )
+        class_loss = CLASS_LOSSES[self.loss_type]
+        loss_class = class_loss(
+            self,
+            logits.reshape(b * q, c),
+            batch_idx * q + query_idx,
+            labels,
+            iou,
+            weight,
+            normalizer,
+        )
         loss_bbox = (weight * (pred - gt_boxes).abs().sum(-1)).sum() / normalizer
         loss_giou = (weight * (1 - giou)).sum() / normalizer
         return {
@@ -146,28 +162,28 @@ class SetCriterion(nn.Module):
         return max(n.item() / world, 1.0)
 
     def forward(
-        self,
-        outputs: Dict,
-        targets: List[Dict[str, torch.Tensor]],
-        dn_meta=None,
+        self, outputs: Dict, targets: List[Dict[str, torch.Tensor]]
     ) -> Dict[str, torch.Tensor]:
         """
         Args:
             outputs: "layers": list over decoder layers of {pred_logits, pred_boxes} (matching
-                queries); "enc": the encoder proposals; "dn_layers": list over decoder layers of
-                the DN queries' predictions, or None.
+                queries); "enc": the encoder proposals (or None for a base without them);
+                "dn_layers": list over decoder layers of the DN queries' predictions, or None;
+                "dn_meta": the DenoisingMeta of the DN queries, or None.
             targets: per image "labels" (G_b,) int64 and "boxes" (G_b, 4) normalised cxcywh.
-            dn_meta: DenoisingMeta of the DN queries, or None.
 
         Returns:
             loss dict: loss_{class,bbox,giou} for the final layer, with suffixes _0.._{N-2} for
             the other layers, _enc for the encoder, _dn / _dn_i for DN.
         """
         layers = outputs["layers"]
-        if len(self.match_k) != len(layers) + 1:
+        named = [(f"_{i}", out) for i, out in enumerate(layers[:-1])] + [("", layers[-1])]
+        if outputs.get("enc") is not None:
+            named.insert(0, ("_enc", outputs["enc"]))
+        if len(self.match_k) != len(named):
             raise ValueError(
-                f"LOSS.MATCH_K has {len(self.match_k)} entries; expected {len(layers) + 1} "
-                "(encoder + one per decoder layer)"
+                f"SetCriterion: match_k has {len(self.match_k)} entries but the model gave "
+                f"{len(named)} matched outputs"
             )
         device = layers[-1]["pred_logits"].device
         normalizer = self.num_boxes(targets, device)
@@ -177,15 +193,12 @@ class SetCriterion(nn.Module):
             for name, value in parts.items():
                 losses[f"loss_{name}{prefix_suffix}"] = value
 
-        named = [("_enc", outputs["enc"], self.match_k[0])]
-        for i, out in enumerate(layers):
-            suffix = "" if i == len(layers) - 1 else f"_{i}"
-            named.append((suffix, out, self.match_k[i + 1]))
-        for suffix, out, k in named:
+        for (suffix, out), k in zip(named, self.match_k):
             indices = self.matcher(out, targets, k=k)
             add(suffix, self.output_losses(out, targets, indices, normalizer, rank_weighted=k > 1))
 
         dn_layers: Optional[List] = outputs.get("dn_layers")
+        dn_meta = outputs.get("dn_meta")
         if dn_layers is not None and dn_meta is not None:
             dn_indices = [dn_meta.positive_indices(len(t["labels"])) for t in targets]
             dn_norm = normalizer * dn_meta.num_groups

@@ -1,3 +1,4 @@
+# Copyright (c) align-detr contributors.
 """Sigmoid focal loss (Lin et al. 2017) as used by Deformable DETR / DINO."""
 
 import torch

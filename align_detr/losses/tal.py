@@ -1,10 +1,12 @@
+# Copyright (c) align-detr contributors.
 """SD-DETR's task-alignment classification loss (TAL)."""
 
 from typing import Optional
 
 import torch
 
-from .align import dense_soft_bce, quality_target
+from .align import quality_target
+from .soft_bce import dense_soft_bce
 
 # SD-DETR's target t = s^0.25 * IoU^0.75.
 TAL_ALPHA = 0.25

@@ -1,7 +1,12 @@
-from .align_detr import AlignDETR
-from .denoising import DenoisingMeta, build_denoising_queries
+# Copyright (c) align-detr contributors.
+"""The model: importing this package registers the ``AlignDETR`` meta-architecture, the
+MobileNetV2 backbone and the base detectors (``MODEL.ALIGN_DETR.BASE``) with detectron2."""
+
+from .bases import BASE_REGISTRY, BaseParts, DetrBase, build_base
+from .denoising import ContrastiveDenoising, DenoisingMeta, build_denoising_queries
+from .meta_arch import AlignDETR, build_criterion
 from .mobilenet import MobileNetV2Backbone, build_mobilenet_v2_backbone
 from .neck import ChannelMapper
-from .transformer import DeformableTransformer
+from .streams import Streams
 
 __all__ = [k for k in globals().keys() if not k.startswith("_")]

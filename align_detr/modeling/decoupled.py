@@ -1,89 +1,69 @@
-"""SD-DETR on the deformable decoder: spatially decoupled classification and localisation.
+# Copyright (c) align-detr contributors.
+"""SD-DETR: spatially decoupled classification and localisation in the decoder.
 
-- DecoupledDecoderLayer: one self-attention shared by the two query streams (classification and
-  localisation tokens concatenated, 2Q tokens, the DN mask tiled 2x2), then a separate
-  MSDeformAttn cross-attention + FFN per stream. Both streams attend around the same reference
-  boxes but predict their own sampling offsets and attention weights, so the two tasks look at
-  different places (SD-DETR's "disentangled feature learning"; the paper's Conditional-DETR
-  decoder is mapped onto ours as recommended in the reference notes: token concatenation, the
-  self-attention and its norm shared, cross-attention / FFN / their norms duplicated).
-- TaskAwareQueryGenerator: per stream, predicts M points inside each selected proposal box
-  (tanh offsets scaled by half the box size, last layer zero-initialised) from the proposal's
-  encoder feature, samples the multi-scale memory there and averages it into that stream's
-  content query; it replaces the learnt content embedding. It runs once, before the decoder, as
-  in the paper's figure.
+- :class:`DecoupledDecoderLayer`: one self-attention shared by the two query streams
+  (classification and localisation tokens concatenated, 2Q tokens, the DN mask tiled 2x2), then
+  a separate cross-attention block (cross-attention + norm + FFN) per stream. Both streams
+  attend around the same reference boxes but predict their own sampling offsets and attention
+  weights, so the two tasks look at different places (SD-DETR's "disentangled feature
+  learning"). The blocks come from the base detector, so the layer works on any base whose
+  decoder layer is "self-attention, then a cross-attention block".
+- :class:`TaskAwareQueryGenerator`: per stream, predicts M points inside each selected proposal
+  box (tanh offsets scaled by half the box size, last layer zero-initialised) from the
+  proposal's encoder feature, samples the multi-scale memory there and averages it into that
+  stream's content query; it replaces the learnt content embedding. It runs once, before the
+  decoder, as in the paper's figure.
 """
 
-from typing import Dict, Tuple
+from typing import Callable
 
 import torch
 from torch import nn
 
-from align_detr.layers import MSDeformAttn, ms_deform_attn
+from align_detr.layers import MLP, ms_deform_attn
 
-from .transformer import FFN, MLP
+from .encoder import EncoderMemory
+from .streams import Streams
+
+__all__ = ["DecoupledDecoderLayer", "TaskAwareQueryGenerator"]
 
 
 class DecoupledDecoderLayer(nn.Module):
-    def __init__(self, d_model, n_levels, n_heads, n_points, dim_feedforward, dropout):
-        super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
-        self.norm_self = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
-        # classification stream
-        self.cross_attn_cls = MSDeformAttn(d_model, n_levels, n_heads, n_points)
-        self.norm_cross_cls = nn.LayerNorm(d_model)
-        self.ffn_cls = FFN(d_model, dim_feedforward, dropout)
-        # localisation stream
-        self.cross_attn_loc = MSDeformAttn(d_model, n_levels, n_heads, n_points)
-        self.norm_cross_loc = nn.LayerNorm(d_model)
-        self.ffn_loc = FFN(d_model, dim_feedforward, dropout)
+    """Shared self-attention over both streams, then one cross-attention block per stream.
 
-    def forward(
-        self,
-        tgt,
-        query_pos,
-        reference_points,
-        memory,
-        spatial_shapes,
-        level_start_index,
-        memory_padding_mask,
-        self_attn_mask,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    Args:
+        self_attn: block ``(x (N, 2Q, d), pos (N, 2Q, d), mask (2Q, 2Q) or None) -> x``.
+        make_cross_block: builds a cross-attention block ``(x, query_pos, reference_points,
+            memory) -> x``; called twice (classification, localisation).
+    """
+
+    def __init__(self, self_attn: nn.Module, make_cross_block: Callable[[], nn.Module]):
+        super().__init__()
+        self.self_attn = self_attn
+        self.cross_cls = make_cross_block()
+        self.cross_loc = make_cross_block()
+
+    def forward(self, queries: Streams, query_pos, reference_points, memory, self_attn_mask=None):
         """
         Args:
-            tgt: (q_cls, q_loc), each (N, Q, d); a single tensor starts both streams from it.
+            queries: the two streams, each (N, Q, d); a single stream starts both from it.
             query_pos: (N, Q, d) from the shared reference boxes.
-            reference_points: (N, Q, L, 4).
+            reference_points: the base's reference points for the cross-attention.
             self_attn_mask: optional (Q, Q) bool; tiled to (2Q, 2Q) so a classification token
                 and its localisation partner keep exactly the original visibility.
 
         Returns:
-            (q_cls, q_loc), each (N, Q, d).
+            Streams, each (N, Q, d).
         """
-        q_cls, q_loc = tgt if isinstance(tgt, tuple) else (tgt, tgt)
-        n_q = q_cls.shape[1]
-        x = torch.cat([q_cls, q_loc], 1)
+        n_q = queries.cls.shape[1]
+        x = torch.cat([queries.cls, queries.loc], 1)
         pos = torch.cat([query_pos, query_pos], 1)
         mask = self_attn_mask.repeat(2, 2) if self_attn_mask is not None else None
-        attn = self.self_attn(x + pos, x + pos, x, attn_mask=mask, need_weights=False)[0]
-        x = self.norm_self(x + self.dropout(attn))
-        q_cls, q_loc = x[:, :n_q], x[:, n_q:]
-        outs = []
-        for q, cross, norm, ffn in (
-            (q_cls, self.cross_attn_cls, self.norm_cross_cls, self.ffn_cls),
-            (q_loc, self.cross_attn_loc, self.norm_cross_loc, self.ffn_loc),
-        ):
-            a = cross(
-                q + query_pos,
-                reference_points,
-                memory,
-                spatial_shapes,
-                level_start_index,
-                memory_padding_mask,
-            )
-            outs.append(ffn(norm(q + self.dropout(a))))
-        return outs[0], outs[1]
+        x = self.self_attn(x, pos, mask)
+        return Streams(
+            self.cross_cls(x[:, :n_q], query_pos, reference_points, memory),
+            self.cross_loc(x[:, n_q:], query_pos, reference_points, memory),
+        )
 
 
 class TaskAwareQueryGenerator(nn.Module):
@@ -112,17 +92,17 @@ class TaskAwareQueryGenerator(nn.Module):
         offsets = self.point_heads[stream](token_features).view(n, k, self.num_points, 2).tanh()
         return boxes[:, :, None, :2] + offsets * boxes[:, :, None, 2:] * 0.5
 
-    def forward(self, enc: Dict, boxes: torch.Tensor, token_features: torch.Tensor):
+    def forward(self, enc: EncoderMemory, boxes: torch.Tensor, token_features: torch.Tensor):
         """
         Args:
-            enc: encoder outputs (memory (N, S, d), spatial_shapes, level_start_index, ...).
+            enc: the encoder output.
             boxes: (N, K, 4) selected proposal boxes, sigmoid cxcywh, detached.
             token_features: (N, K, d) encoder features of the selected tokens.
 
         Returns:
-            (q_cls, q_loc) content queries, each (N, K, d).
+            Streams of (N, K, d) content queries (classification, localisation).
         """
-        memory = enc["memory"]
+        memory = enc.memory
         n, s, d = memory.shape
         value = memory.view(n, s, 1, d)  # one "head" holding all channels
         k = boxes.shape[1]
@@ -134,37 +114,7 @@ class TaskAwareQueryGenerator(nn.Module):
             pts = self.points(token_features, boxes, stream)  # (N, K, M, 2)
             loc = pts[:, :, None, None].expand(n, k, 1, self.n_levels, self.num_points, 2)
             sampled = ms_deform_attn(
-                value, enc["spatial_shapes"], enc["level_start_index"], loc.contiguous(), weights
+                value, enc.spatial_shapes, enc.level_start_index, loc.contiguous(), weights
             )  # (N, K, d): mean over levels and points
             queries.append(self.norm[stream](self.proj[stream](sampled)))
-        return queries[0], queries[1]
-
-
-def build_sd_detr_parts(cfg):
-    """(decoder layer factory or None, query generator or None) for the SD-DETR options."""
-    c = cfg.MODEL.ALIGN_DETR
-    factory, generator = None, None
-    if c.DECODER.DECOUPLED:
-
-        def factory():
-            return DecoupledDecoderLayer(
-                c.D_MODEL,
-                c.NUM_FEATURE_LEVELS,
-                c.NHEADS,
-                c.DECODER.N_POINTS,
-                c.DECODER.DIM_FEEDFORWARD,
-                c.DECODER.DROPOUT,
-            )
-
-    if c.DECODER.TASK_AWARE_QUERIES:
-        if not c.DECODER.DECOUPLED:
-            raise ValueError(
-                "MODEL.ALIGN_DETR.DECODER.TASK_AWARE_QUERIES needs DECODER.DECOUPLED: True "
-                "(it generates one content query per stream)"
-            )
-        if c.DECODER.TASK_AWARE_POINTS < 1:
-            raise ValueError("MODEL.ALIGN_DETR.DECODER.TASK_AWARE_POINTS must be >= 1")
-        generator = TaskAwareQueryGenerator(
-            c.D_MODEL, c.NUM_FEATURE_LEVELS, c.DECODER.TASK_AWARE_POINTS
-        )
-    return factory, generator
+        return Streams(queries[0], queries[1])

@@ -1,3 +1,4 @@
+# Copyright (c) align-detr contributors.
 """Contrastive denoising (DINO CDN): noised copies of the ground truth as extra decoder queries.
 
 Layout of the DN part of the decoder queries, per image: G groups of 2 * P slots, P = the
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
+from torch import nn
 
 from align_detr.layers import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
 
@@ -48,7 +50,6 @@ def build_denoising_queries(
     num_classes: int,
     label_embed: torch.nn.Embedding,
     num_matching_queries: int,
-    generator: Optional[torch.Generator] = None,
 ):
     """Builds the DN queries and the self-attention mask.
 
@@ -81,19 +82,14 @@ def build_denoising_queries(
         boxes = t["boxes"].to(device).repeat(2 * groups, 1)
         negative = torch.arange(2 * groups, device=device).repeat_interleave(g) % 2 == 1
         if label_noise_ratio > 0:
-            flip = (
-                torch.rand(labels.shape, device=device, generator=generator)
-                < label_noise_ratio * 0.5
-            )
-            random_labels = torch.randint(
-                0, num_classes, labels.shape, device=device, generator=generator
-            )
+            flip = torch.rand(labels.shape, device=device) < label_noise_ratio * 0.5
+            random_labels = torch.randint(0, num_classes, labels.shape, device=device)
             labels = torch.where(flip, random_labels, labels)
         if box_noise_scale > 0:
             xyxy = box_cxcywh_to_xyxy(boxes)
             half = boxes[:, 2:].repeat(1, 2) / 2
-            sign = torch.randint(0, 2, boxes.shape, device=device, generator=generator) * 2.0 - 1.0
-            part = torch.rand(boxes.shape, device=device, generator=generator)
+            sign = torch.randint(0, 2, boxes.shape, device=device) * 2.0 - 1.0
+            part = torch.rand(boxes.shape, device=device)
             part = part + negative[:, None].float()  # negatives: between 1 and 2 half-sizes
             xyxy = (xyxy + sign * part * half * box_noise_scale).clamp(0.0, 1.0)
             boxes = box_xyxy_to_cxcywh(xyxy)
@@ -110,3 +106,62 @@ def build_denoising_queries(
         attn_mask[lo:hi, :lo] = True
         attn_mask[lo:hi, hi:pad] = True
     return content, ref_unact, attn_mask, DenoisingMeta(groups, max_gt, pad)
+
+
+@dataclass
+class DenoisingQueries:
+    """The DN part of the decoder queries of a batch.
+
+    Attributes:
+        content: (N, pad, d) label embeddings of the noised labels (zeros in padding slots).
+        ref_unact: (N, pad, 4) noised GT boxes in inverse-sigmoid space.
+        attn_mask: (pad + K, pad + K) bool self-attention mask, True where blocked.
+        meta: where the DN queries are.
+    """
+
+    content: torch.Tensor
+    ref_unact: torch.Tensor
+    attn_mask: torch.Tensor
+    meta: DenoisingMeta
+
+
+class ContrastiveDenoising(nn.Module):
+    """DINO's contrastive denoising queries, with their label embedding.
+
+    Args:
+        num_classes: C; the label embedding has C + 1 rows (the last is never a real label).
+        d_model: d.
+        num_queries: DN queries per image (positive + negative, over all groups).
+        label_noise_ratio: twice the probability of flipping a label.
+        box_noise_scale: box noise in units of half the box size.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        d_model: int,
+        num_queries: int = 100,
+        label_noise_ratio: float = 0.5,
+        box_noise_scale: float = 1.0,
+    ):
+        super().__init__()
+        if num_queries < 1:
+            raise ValueError(f"ContrastiveDenoising: num_queries must be >= 1, got {num_queries}")
+        self.num_classes = num_classes
+        self.num_queries = num_queries
+        self.label_noise_ratio = label_noise_ratio
+        self.box_noise_scale = box_noise_scale
+        self.label_embed = nn.Embedding(num_classes + 1, d_model)
+
+    def forward(self, targets, num_matching_queries: int) -> Optional[DenoisingQueries]:
+        """DN queries for the batch's targets, or None when the batch has no GT box."""
+        dn = build_denoising_queries(
+            targets,
+            self.num_queries,
+            self.label_noise_ratio,
+            self.box_noise_scale,
+            self.num_classes,
+            self.label_embed,
+            num_matching_queries,
+        )
+        return None if dn is None else DenoisingQueries(*dn)

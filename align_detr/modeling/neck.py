@@ -1,11 +1,11 @@
+# Copyright (c) align-detr contributors.
 """Channel mapper: backbone stages to d_model channels, plus extra stride-2 levels."""
 
 from typing import Dict, List
 
 import torch
-from torch import nn
-
 from detectron2.layers import ShapeSpec
+from torch import nn
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:

@@ -1,28 +1,17 @@
-"""Shared helpers for tests that build the real model from configs/tiny_test.yaml."""
-
-import os
+# Copyright (c) align-detr contributors.
+"""Synthetic detection inputs (an image with coloured boxes, a model input dict), for tests,
+benchmarks and smoke runs that must not depend on any dataset."""
 
 import numpy as np
 import torch
-
-from detectron2.config import get_cfg
 from detectron2.structures import Boxes, Instances
 
-from align_detr.config import add_align_detr_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_cfg(*opts):
-    cfg = get_cfg()
-    add_align_detr_config(cfg)
-    cfg.merge_from_file(os.path.join(ROOT, "configs", "tiny_test.yaml"))
-    cfg.merge_from_list(list(opts))
-    return cfg
+__all__ = ["batched_input", "synthetic_image"]
 
 
 def synthetic_image(h=128, w=128, boxes=((20, 30, 70, 90), (80, 10, 120, 60)), seed=0):
-    """A noisy background with a bright, differently coloured rectangle per box (xyxy)."""
+    """(h, w, 3) uint8: a noisy background with a bright, differently coloured rectangle per
+    box (xyxy pixels)."""
     rng = np.random.default_rng(seed)
     img = rng.integers(0, 60, size=(h, w, 3), dtype=np.uint8)
     colours = [(230, 40, 40), (40, 230, 40), (40, 40, 230)]
@@ -32,7 +21,8 @@ def synthetic_image(h=128, w=128, boxes=((20, 30, 70, 90), (80, 10, 120, 60)), s
 
 
 def batched_input(img, boxes=(), classes=None):
-    """A detectron2 model input dict (CHW uint8 tensor + Instances with absolute xyxy)."""
+    """A detectron2 model input dict: CHW uint8 image tensor + Instances with absolute xyxy
+    ``gt_boxes`` and ``gt_classes`` (class 0 for every box by default)."""
     h, w = img.shape[:2]
     inst = Instances((h, w))
     inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))

@@ -1,0 +1,135 @@
+# Copyright (c) align-detr contributors.
+"""The multi-scale deformable encoder: levels flattened into one token sequence, each token
+attending to points around itself on every level.
+
+Shapes: N images, L levels, S = sum(H_l * W_l) tokens, d = d_model.
+"""
+
+from dataclasses import dataclass
+from typing import List, Tuple
+
+import torch
+from torch import nn
+
+from align_detr.layers import FFN, MSDeformAttn
+
+__all__ = ["DeformableEncoder", "EncoderLayer", "EncoderMemory", "valid_ratios_of"]
+
+
+@dataclass
+class EncoderMemory:
+    """What the decoder and query selection read from the encoder.
+
+    Attributes:
+        memory: (N, S, d) encoded tokens, level by level.
+        padding_mask: (N, S) bool, True on padding.
+        spatial_shapes: (L, 2) int64 (H_l, W_l), the op's level table.
+        level_start_index: (L,) int64, first token of each level.
+        valid_ratios: (N, L, 2) fraction of each level that is image, as (w, h).
+        shapes: the level sizes as Python ints, for host-side loops.
+    """
+
+    memory: torch.Tensor
+    padding_mask: torch.Tensor
+    spatial_shapes: torch.Tensor
+    level_start_index: torch.Tensor
+    valid_ratios: torch.Tensor
+    shapes: List[Tuple[int, int]]
+
+
+def valid_ratios_of(masks: List[torch.Tensor]) -> torch.Tensor:
+    """Fraction of each level that is real image, per image: (N, L, 2) as (w, h)."""
+    ratios = []
+    for mask in masks:
+        _, h, w = mask.shape
+        valid_h = (~mask[:, :, 0]).sum(1).float() / h
+        valid_w = (~mask[:, 0, :]).sum(1).float() / w
+        ratios.append(torch.stack([valid_w, valid_h], -1))
+    return torch.stack(ratios, 1)
+
+
+def encoder_reference_points(shapes: List[Tuple[int, int]], valid_ratios: torch.Tensor):
+    """Pixel centres of every level, normalised to the valid area, seen from every level.
+
+    Returns:
+        (N, S, L, 2) normalised (x, y).
+    """
+    points = []
+    dev = valid_ratios.device
+    for lvl, (h, w) in enumerate(shapes):
+        ys, xs = torch.meshgrid(
+            torch.arange(h, dtype=torch.float32, device=dev) + 0.5,
+            torch.arange(w, dtype=torch.float32, device=dev) + 0.5,
+            indexing="ij",
+        )
+        ys = ys.reshape(1, -1) / (valid_ratios[:, None, lvl, 1] * h)
+        xs = xs.reshape(1, -1) / (valid_ratios[:, None, lvl, 0] * w)
+        points.append(torch.stack([xs, ys], -1))
+    points = torch.cat(points, 1)
+    return points[:, :, None] * valid_ratios[:, None]
+
+
+class EncoderLayer(nn.Module):
+    """Deformable self-attention over all levels, then the FFN (post-norm)."""
+
+    def __init__(self, d_model, n_levels, n_heads, n_points, dim_feedforward, dropout):
+        super().__init__()
+        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(d_model)
+        self.ffn = FFN(d_model, dim_feedforward, dropout)
+
+    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
+        """src, pos: (N, S, d); reference_points: (N, S, L, 2); padding_mask: (N, S) bool."""
+        attn = self.self_attn(
+            src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask
+        )
+        return self.ffn(self.norm(src + self.dropout(attn)))
+
+
+class DeformableEncoder(nn.Module):
+    """Flattens the levels (adding a learnt level embedding to the position encoding) and runs
+    the encoder layers.
+
+    Args:
+        layers: the encoder layers (:class:`EncoderLayer`).
+        d_model: d.
+        n_levels: L.
+    """
+
+    def __init__(self, layers: List[nn.Module], d_model: int, n_levels: int):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.level_embed = nn.Parameter(torch.empty(n_levels, d_model))
+        nn.init.normal_(self.level_embed)
+
+    def forward(self, srcs, masks, pos_embeds) -> EncoderMemory:
+        """
+        Args:
+            srcs, pos_embeds: L tensors (N, d, H_l, W_l); masks: L tensors (N, H_l, W_l) bool.
+        """
+        flat_src, flat_mask, flat_pos, shapes = [], [], [], []
+        for lvl, (src, mask, pos) in enumerate(zip(srcs, masks, pos_embeds)):
+            shapes.append((int(src.shape[-2]), int(src.shape[-1])))
+            flat_src.append(src.flatten(2).transpose(1, 2))
+            flat_mask.append(mask.flatten(1))
+            flat_pos.append(pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))
+        src = torch.cat(flat_src, 1)
+        padding_mask = torch.cat(flat_mask, 1)
+        pos = torch.cat(flat_pos, 1)
+        # The level table is built from host ints: reading it never waits for the device.
+        starts = [0]
+        for h, w in shapes[:-1]:
+            starts.append(starts[-1] + h * w)
+        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src.device)
+        level_start_index = torch.as_tensor(starts, dtype=torch.long, device=src.device)
+        valid_ratios = valid_ratios_of(masks)
+        reference_points = encoder_reference_points(shapes, valid_ratios)
+        memory = src
+        for layer in self.layers:
+            memory = layer(
+                memory, pos, reference_points, spatial_shapes, level_start_index, padding_mask
+            )
+        return EncoderMemory(
+            memory, padding_mask, spatial_shapes, level_start_index, valid_ratios, shapes
+        )

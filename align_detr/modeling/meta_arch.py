@@ -1,0 +1,181 @@
+# Copyright (c) align-detr contributors.
+"""AlignDETR: the detectron2 meta-architecture of every model in this project.
+
+backbone -> base detector (neck, position encoding, transformer, heads; ``MODEL.ALIGN_DETR.BASE``)
+-> per-output predictions -> set criterion (focal / Align / TAL loss, one-to-one or many-to-one
+matching per output) in training, top-k post-processing at inference.
+"""
+
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, detector_postprocess
+from detectron2.structures import Boxes, ImageList, Instances
+from torch import nn
+
+from align_detr.config import resolve_match_k, validate_config
+from align_detr.layers import box_xyxy_to_cxcywh
+from align_detr.losses import SetCriterion
+from align_detr.matching import HungarianMatcher
+
+from .bases import BASE_REGISTRY
+
+__all__ = ["AlignDETR", "build_criterion"]
+
+
+def build_criterion(cfg, num_matched_outputs: int) -> SetCriterion:
+    """The set criterion of the config, for a base with ``num_matched_outputs`` outputs."""
+    c = cfg.MODEL.ALIGN_DETR
+    matcher = HungarianMatcher(
+        cost_class=c.MATCHER.COST_CLASS,
+        cost_bbox=c.MATCHER.COST_BBOX,
+        cost_giou=c.MATCHER.COST_GIOU,
+        alpha=c.LOSS.FOCAL_ALPHA,
+        gamma=c.LOSS.GAMMA,
+    )
+    return SetCriterion(
+        num_classes=c.NUM_CLASSES,
+        matcher=matcher,
+        match_k=resolve_match_k(c.LOSS.MATCH_K, num_matched_outputs),
+        loss_type=c.LOSS.TYPE,
+        class_weight=c.LOSS.CLASS_WEIGHT,
+        bbox_weight=c.LOSS.BBOX_WEIGHT,
+        giou_weight=c.LOSS.GIOU_WEIGHT,
+        focal_alpha=c.LOSS.FOCAL_ALPHA,
+        alpha=c.LOSS.ALPHA,
+        gamma=c.LOSS.GAMMA,
+        tau=c.LOSS.TAU,
+        dn_enabled=c.DN.ENABLED,
+    )
+
+
+@META_ARCH_REGISTRY.register()
+class AlignDETR(nn.Module):
+    """A DETR detector: training returns the loss dict; inference returns one
+    ``{"instances": Instances}`` per image with pred_boxes, scores and pred_classes (top
+    ``num_select`` over query x class of the last decoder layer, no NMS).
+
+    Args:
+        backbone: a detectron2 Backbone.
+        neck, position_embedding, transformer, heads: the base detector's parts
+            (:class:`~align_detr.modeling.bases.BaseParts`).
+        criterion: :class:`~align_detr.losses.SetCriterion`.
+        num_select: detections kept per image.
+        pixel_mean, pixel_std: per-channel input normalisation.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        neck: nn.Module,
+        position_embedding: nn.Module,
+        transformer: nn.Module,
+        heads: nn.Module,
+        criterion: nn.Module,
+        num_select: int,
+        pixel_mean: List[float],
+        pixel_std: List[float],
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.neck = neck
+        self.position_embedding = position_embedding
+        self.transformer = transformer
+        self.heads = heads
+        self.criterion = criterion
+        self.num_select = num_select
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg):
+        validate_config(cfg)
+        backbone = build_backbone(cfg)
+        base = BASE_REGISTRY.get(cfg.MODEL.ALIGN_DETR.BASE)
+        parts = base.build(cfg, backbone.output_shape())
+        return {
+            "backbone": backbone,
+            **parts._asdict(),
+            "criterion": build_criterion(cfg, base.num_matched_outputs(cfg)),
+            "num_select": cfg.MODEL.ALIGN_DETR.NUM_SELECT,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+        }
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    # ---- inputs ----------------------------------------------------------------------------
+
+    def preprocess_image(self, batched_inputs):
+        """Normalises and pads the images. Returns the ImageList and (N, H, W) padding masks."""
+        images = [
+            (x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs
+        ]
+        images = ImageList.from_tensors(images, self.backbone.size_divisibility)
+        n, _, h, w = images.tensor.shape
+        mask = torch.ones(n, h, w, dtype=torch.bool, device=self.device)
+        for i, (ih, iw) in enumerate(images.image_sizes):
+            mask[i, :ih, :iw] = False
+        return images, mask
+
+    def prepare_targets(self, batched_inputs, images):
+        """GT boxes normalised by each image's own (unpadded) size, as cxcywh."""
+        targets = []
+        for x, (h, w) in zip(batched_inputs, images.image_sizes):
+            inst = x["instances"].to(self.device)
+            scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.device)
+            boxes = box_xyxy_to_cxcywh(inst.gt_boxes.tensor / scale)
+            targets.append({"labels": inst.gt_classes.long(), "boxes": boxes})
+        return targets
+
+    def transformer_inputs(self, images, mask):
+        """The neck's levels with their padding masks and position encodings.
+
+        Returns:
+            (srcs, masks, pos): L tensors (N, d, H_l, W_l), (N, H_l, W_l) bool, (N, d, H_l, W_l).
+        """
+        srcs = self.neck(self.backbone(images.tensor))
+        masks = [F.interpolate(mask[None].float(), size=s.shape[-2:])[0].bool() for s in srcs]
+        pos = [self.position_embedding(m).to(s.dtype) for m, s in zip(masks, srcs)]
+        return srcs, masks, pos
+
+    # ---- forward ---------------------------------------------------------------------------
+
+    def forward(self, batched_inputs: List[Dict]):
+        images, mask = self.preprocess_image(batched_inputs)
+        srcs, masks, pos = self.transformer_inputs(images, mask)
+        targets = self.prepare_targets(batched_inputs, images) if self.training else None
+        outputs = self.transformer(srcs, masks, pos, self.heads, targets)
+        if self.training:
+            return self.criterion(outputs, targets)
+        return self.postprocess(outputs["layers"][-1], images.image_sizes, batched_inputs)
+
+    def postprocess(self, out, image_sizes, batched_inputs):
+        """Top ``num_select`` (query, class) pairs by sigmoid score; boxes to the input size."""
+        prob = out["pred_logits"].sigmoid()
+        n, k, c = prob.shape
+        num_select = min(self.num_select, k * c)
+        scores, index = prob.flatten(1).topk(num_select, dim=1)
+        query = torch.div(index, c, rounding_mode="floor")
+        labels = index % c
+        boxes = torch.gather(out["pred_boxes"], 1, query[..., None].expand(-1, -1, 4))
+        cx, cy, w, h = boxes.unbind(-1)
+        xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
+        results = []
+        for i, (ih, iw) in enumerate(image_sizes):
+            inst = Instances((ih, iw))
+            scale = torch.tensor([iw, ih, iw, ih], dtype=xyxy.dtype, device=xyxy.device)
+            inst.pred_boxes = Boxes(xyxy[i] * scale)
+            inst.scores = scores[i]
+            inst.pred_classes = labels[i]
+            x = batched_inputs[i]
+            height, width = x.get("height", ih), x.get("width", iw)
+            # detector_postprocess rescales to the requested size and clips to it
+            results.append({"instances": detector_postprocess(inst, height, width)})
+        return results

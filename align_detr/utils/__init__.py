@@ -1,0 +1,2 @@
+# Copyright (c) align-detr contributors.
+"""Small utilities shared by the data pipeline and the engine."""

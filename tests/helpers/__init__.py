@@ -1,0 +1,20 @@
+"""Helpers shared by the tests: configs, a tiny COCO dataset on disk, loading scripts."""
+
+from align_detr.utils.synthetic import batched_input, synthetic_image
+
+from .coco import register_coco, unregister, write_coco
+from .configs import ROOT, config_path, repo_cfg, tiny_cfg
+from .scripts import load_script
+
+__all__ = [
+    "ROOT",
+    "batched_input",
+    "config_path",
+    "load_script",
+    "register_coco",
+    "repo_cfg",
+    "synthetic_image",
+    "tiny_cfg",
+    "unregister",
+    "write_coco",
+]
