@@ -137,6 +137,9 @@ ARCH = {
     "input_format": "RGB",
 }
 
+#: Added to the w / h outputs of every box head (inverse-sigmoid space) by randomize_.
+BOX_LOGIT_GROWTH = 2.0
+
 #: DeepForest sample images and the windows (x0, y0, x1, y1) cut from them; an optional resize
 #: (w, h) plays the part of the test-time resize, so height/width differ from the input size.
 IMAGES = (
@@ -389,6 +392,9 @@ def randomize_(model, seed: int) -> None:
             last = i == len(head.layers) - 1
             _noise_(layer.weight, gen, 0.3, 0.15 if last else 0.05)
             _noise_(layer.bias, gen, 0.3, 0.2 if last else 0.05)
+        # larger boxes: matched predictions overlap their GT, so that the quality t (and the
+        # rank of the positives of a GT) is not decided by the 0.01 floor of an IoU of 0
+        head.layers[-1].bias[2:].add_(BOX_LOGIT_GROWTH)
 
 
 @torch.no_grad()
@@ -608,6 +614,7 @@ def record_criterion(model, rec: Dict):
     """Wraps their criterion (instance attributes only) to record every get_loss call, the
     IA-BCE rank weights and the unweighted loss dict. Returns an undo function."""
     import aligndetr.criterions.many_to_one_criterion as m2o
+    from detrex.layers import box_cxcywh_to_xyxy, box_iou
 
     crit = model.criterion
     rec["get_loss"] = []
@@ -634,7 +641,30 @@ def record_criterion(model, rec: Dict):
             src_logits, pos_idx_c, src_boxes, target_boxes, indices, avg_factor, *a, **kw
         )
         rw = rank_weight if isinstance(rank_weight, torch.Tensor) else torch.tensor(rank_weight)
-        rec["ia_bce"].append({"loss": loss.detach().clone(), "rank_weight": rw.detach().clone()})
+        # their quality t (IA_BCE_loss ranks the positives of each GT by it): recomputed to
+        # check that no two positives of a GT tie
+        alpha = a[0] if a else kw["alpha"]
+        with torch.no_grad():
+            iou = torch.diag(
+                box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(target_boxes))[0]
+            )
+            t = (src_logits.sigmoid()[pos_idx_c] ** alpha * iou ** (1 - alpha)).clamp(min=0.01)
+        offsets, group = 0, []
+        for _, tgt in indices:
+            group.append(tgt + offsets)
+            offsets += int(tgt.max()) + 1 if len(tgt) else 0
+        rec["ia_bce"].append(
+            {
+                "loss": loss.detach().clone(),
+                "rank_weight": rw.detach().clone(),
+                "quality": t.clone(),
+                "iou": iou.clone(),
+                "group": torch.cat(group) if group else torch.zeros(0, dtype=torch.long),
+                # each positive's prediction (box, logits of every class)
+                "pred": torch.cat([src_boxes, src_logits[pos_idx_c[:2]]], -1).detach().clone(),
+                "query": pos_idx_c[1].clone(),
+            }
+        )
         return loss, rank_weight
 
     def forward(outputs, targets, dn_metas=None):
@@ -747,6 +777,39 @@ def final_score_gaps(model, rec: Dict) -> List[float]:
     prob = rec["layer_logits"][-1].sigmoid().flatten(1)
     n = min(model.select_box_nums_for_evaluation + 1, prob.shape[1])
     return [score_gap(p.topk(n)[0]) for p in prob]
+
+
+def quality_ties(rec: Dict) -> Dict:
+    """Their quality t orders the positives of each GT for the rank weights exp(-rank / tau).
+
+    Returns:
+        dict: ``min_gap``, the smallest non-zero difference of t between two positives of a GT
+        that predict different things (a near-tie would make the order flaky); ``exact_ties``,
+        how many such pairs tie exactly (both at the 0.01 floor: IoU 0); ``ties_by_query``,
+        whether every exact tie went to the lower query index (their sorts are stable on the
+        CPU: the matcher lists a GT's queries in increasing order and the rank sort keeps it).
+        Positives with identical predictions (two picks of identical invalid tokens) may tie
+        harmlessly and are skipped.
+    """
+    min_gap, ties, by_query = float("inf"), 0, True
+    for r in rec["ia_bce"]:
+        t, g, pred, w, q = r["quality"], r["group"], r["pred"], r["rank_weight"], r["query"]
+        if w.dim() == 0:
+            continue
+        for gt in g.unique():
+            members = (g == gt).nonzero()[:, 0].tolist()
+            for a, i in enumerate(members):
+                for j in members[a + 1 :]:
+                    if torch.equal(pred[i], pred[j]):
+                        continue
+                    gap = float((t[i] - t[j]).abs())
+                    if gap == 0:
+                        ties += 1
+                        first, second = (i, j) if q[i] < q[j] else (j, i)
+                        by_query &= bool(w[first] > w[second])
+                    else:
+                        min_gap = min(min_gap, gap)
+    return {"min_gap": min_gap, "exact_ties": ties, "ties_by_query": by_query}
 
 
 def matching_is_stable(model, rec: Dict, noise: float = 1e-5, trials: int = 3) -> float:
@@ -884,11 +947,15 @@ def make_aligndetr(args) -> Tuple[Dict, Dict]:
         score_gaps = {name: final_score_gaps(model, recs[name]) for name in settings}
         min_score_gap = min(g for gs in score_gaps.values() for g in gs)
         match_change = matching_is_stable(model, train_rec)
+        ties = quality_ties(train_rec)
         print(
             f"seed {seed}: delta {delta:.2f}, encoder gap {enc_gap:.2e}, final score gap "
-            f"{min_score_gap:.2e}, loss change under cost noise {match_change:.1e}"
+            f"{min_score_gap:.2e}, quality gap {ties['min_gap']:.2e} ({ties['exact_ties']} "
+            f"ties at the floor), loss change under cost noise {match_change:.1e}"
         )
         if enc_gap < args.min_enc_gap or min_score_gap < args.min_score_gap:
+            continue
+        if ties["min_gap"] < args.min_quality_gap or not ties["ties_by_query"]:
             continue
         if match_change > 1e-6:
             continue
@@ -1026,6 +1093,9 @@ def make_aligndetr(args) -> Tuple[Dict, Dict]:
             "min_final_score_gap": min_score_gap,
             "final_score_gaps": score_gaps,
             "loss_change_under_cost_noise_1e-5": match_change,
+            # positives of one GT: smallest non-zero quality gap, exact ties (IoU 0 for both:
+            # t at its 0.01 floor), which their stable CPU sorts rank by increasing query index
+            "quality_within_gt": ties,
         },
     }
     debug = {
@@ -1100,6 +1170,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--max-tries", type=int, default=60)
     parser.add_argument("--min-enc-gap", type=float, default=1e-3)
     parser.add_argument("--min-score-gap", type=float, default=5e-5)
+    parser.add_argument("--min-quality-gap", type=float, default=1e-4)
     parser.add_argument("--official-commit", help="recorded when the source is not a git tree")
     parser.add_argument("--detrex-commit", help="recorded when the source is not a git tree")
     args = parser.parse_args(argv)
