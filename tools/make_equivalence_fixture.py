@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 # Copyright (c) align-detr contributors.
-"""Runs the official Align-DETR model (detrex-based) on the CPU and saves a small golden fixture.
+r"""Runs the official Align-DETR (or detrex DINO) model on the CPU; saves a small golden fixture.
 
 The official code is never copied into this project: it is imported at run time from the
 checkouts given on the command line (FelixCaae/AlignDETR for ``projects/aligndetr`` and the
-``aligndetr`` criterion package, IDEA-Research/detrex for ``detrex``). The tool builds their model
-from their own lazy config (``aligndetr_k=2_r50_4scale_12ep.py``) shrunk to a small size, with
-random weights, runs it on two real tree-crown images of different sizes and saves, in one
-``torch.save`` file (plain dicts, lists and tensors; ``torch.load(weights_only=True)`` reads it):
+``aligndetr`` criterion package, IDEA-Research/detrex for ``detrex`` and ``projects/dino``). The
+tool builds their model from their own lazy config (``--model aligndetr``:
+``aligndetr_k=2_r50_4scale_12ep.py``; ``--model dino``: ``dino_r50_4scale_12ep.py``, the same
+network with detrex's focal-loss criterion) shrunk to a small size, with random weights, runs it
+on two real tree-crown images of different sizes and saves, in one ``torch.save`` file (plain
+dicts, lists and tensors; ``torch.load(weights_only=True)`` reads it):
 
 - ``checkpoint``: ``{"model": state_dict}`` with their parameter names, as their checkpoints have
   them (including the duplicate ``transformer.decoder.class_embed`` / ``bbox_embed`` aliases);
@@ -29,8 +31,10 @@ are random, and the encoder's class head is shifted along the feature that inval
 (their memory is zeroed, so ``enc_output_norm(enc_output(0))``) so that their unmasked two-stage
 top-k picks some invalid tokens next to valid ones. Seeds are drawn until the encoder scores around
 every selected rank are separated by at least ``--min-enc-gap`` (logits), the kept final scores by
-at least ``--min-score-gap`` (probabilities), and the loss does not change when the matching
-costs get 1e-5 noise.
+at least ``--min-score-gap`` (probabilities), the loss does not change when the matching costs
+get 1e-5 noise and, for Align-DETR, the quality t of two positives of a GT (which sets their rank
+weights) differs by at least ``--min-quality-gap`` unless both sit at its 0.01 floor (IoU 0; such
+ties go to the lower query index, see ``quality_ties``).
 
 Running their code on a CPU needs a few run-time patches (their files are not edited):
 
@@ -48,23 +52,28 @@ Environment: their code imports timm, fairscale, einops and wandb at import time
 a separate virtual environment that also sees this project's torch and detectron2, e.g.::
 
     python3.11 -m venv /work/official-venv
-    echo "$PWD/.venv/lib/python3.11/site-packages" \\
+    echo "$PWD/.venv/lib/python3.11/site-packages" \
         > /work/official-venv/lib/python3.11/site-packages/main_venv.pth
     /work/official-venv/bin/pip install timm fairscale einops wandb
 
-Regenerate the committed fixture (deterministic: one CPU thread, fixed seeds; about a minute,
-the seed search from 0 stops at the first seed that passes the checks, 27)::
+Regenerate the committed fixtures (deterministic: one CPU thread, fixed seeds; about a minute
+each; the seed search stops at the first seed that passes the checks: 19 for Align-DETR, searched
+from 0, and 108 for DINO, searched from 100)::
 
     git --git-dir=<mirror of FelixCaae/AlignDETR> archive --prefix=AlignDETR/ \
         4b125f7fe2ff8c3468cd71763fcf971d09ee38db | tar x -C /work/official
     git --git-dir=<mirror of IDEA-Research/detrex> archive --prefix=detrex/ \
         e244e6c3da3e84566728c52c21fb061d23ce0e2f | tar x -C /work/official
-    /work/official-venv/bin/python tools/make_equivalence_fixture.py \
+    /work/official-venv/bin/python tools/make_equivalence_fixture.py --model aligndetr \
         --official-src /work/official/AlignDETR --detrex-src /work/official/detrex \
         --official-commit 4b125f7fe2ff8c3468cd71763fcf971d09ee38db \
         --detrex-commit e244e6c3da3e84566728c52c21fb061d23ce0e2f \
         --out tests/data/golden_aligndetr.pt \
         --debug-out /work/golden_debug/aligndetr_debug.pt
+    /work/official-venv/bin/python tools/make_equivalence_fixture.py --model dino \
+        --official-src /work/official/AlignDETR --detrex-src /work/official/detrex \
+        --detrex-commit e244e6c3da3e84566728c52c21fb061d23ce0e2f \
+        --out tests/data/golden_dino.pt --debug-out /work/golden_debug/dino_debug.pt
 
 (``--official-commit`` / ``--detrex-commit`` are only recorded in the fixture; with git work trees
 they are read from them.) The images come from the DeepForest sample data (``pip install
@@ -135,6 +144,28 @@ ARCH = {
     "pixel_mean": [123.675, 116.280, 103.530],
     "pixel_std": [58.395, 57.120, 57.375],
     "input_format": "RGB",
+}
+
+#: The official models the tool builds: their lazy config (relative to the checkout named by
+#: ``src``), the module whose ``get_sine_pos_embed`` is called with 128 features per coordinate,
+#: and the kind of criterion (Align-DETR's many-to-one IA-BCE, or detrex's focal SetCriterion).
+MODELS = {
+    "aligndetr": {
+        "src": "official",
+        "repo": "FelixCaae/AlignDETR",
+        "config": "projects/aligndetr/configs/aligndetr_k=2_r50_4scale_12ep.py",
+        "transformer_module": "projects.aligndetr.modeling.transformer",
+        "criterion": "align",
+    },
+    "dino": {
+        "src": "detrex",
+        "repo": "IDEA-Research/detrex",
+        "config": "projects/dino/configs/dino-resnet/dino_r50_4scale_12ep.py",
+        "transformer_module": "projects.dino.modeling.dino_transformer",
+        "criterion": "focal",
+        # the seed search starts elsewhere than Align-DETR's: same network, other weights
+        "seed": 100,
+    },
 }
 
 #: Added to the w / h outputs of every box head (inverse-sigmoid space) by randomize_.
@@ -257,25 +288,25 @@ def build_resnet(arch: Dict):
     return build_resnet_backbone(cfg, ShapeSpec(channels=3))
 
 
-def build_aligndetr(official_src: str, arch: Dict, seed: int):
-    """Their model from their 12-epoch config, shrunk to ``arch``.
+def build_two_stage(spec: Dict, root: str, arch: Dict, seed: int):
+    """Their two-stage DINO-style model (Align-DETR or DINO) from their 12-epoch config, shrunk
+    to ``arch``.
 
     Returns:
         (model, info) with info holding the official settings read from their config.
     """
-    import projects.aligndetr.modeling.transformer as their_transformer
+    import importlib
+
     from detectron2.config import LazyConfig, instantiate
     from detectron2.layers import ShapeSpec
 
-    config_path = os.path.join(
-        official_src, "projects", "aligndetr", "configs", "aligndetr_k=2_r50_4scale_12ep.py"
-    )
+    their_transformer = importlib.import_module(spec["transformer_module"])
+    config_path = os.path.join(root, spec["config"])
     cfg = LazyConfig.load(config_path)
     m = cfg.model
     d = arch["d_model"]
     info = {
-        "config": os.path.relpath(config_path, official_src),
-        "official_match_num": list(m.criterion.match_num),
+        "config": spec["config"],
         "official_dn_number": m.dn_number,
         "official_label_noise_ratio": m.label_noise_ratio,
         "official_box_noise_scale": m.box_noise_scale,
@@ -318,20 +349,24 @@ def build_aligndetr(official_src: str, arch: Dict, seed: int):
     m.num_queries = arch["num_queries"]
     m.select_box_nums_for_evaluation = arch["num_select"]
     m.dn_number = 0  # denoising off in the fixture (official: dn_number above)
-    official_k = list(m.criterion.match_num)
-    middle = set(official_k[1:-1])
-    assert len(middle) == 1, official_k
-    m.criterion.match_num = [official_k[0]] + [middle.pop()] * (arch["dec_layers"] - 1)
-    m.criterion.match_num.append(official_k[-1])
-    info["match_num"] = list(m.criterion.match_num)
-    info["tau"] = m.criterion.tau
+    if spec["criterion"] == "align":
+        official_k = list(m.criterion.match_num)
+        info["official_match_num"] = official_k
+        middle = set(official_k[1:-1])
+        assert len(middle) == 1, official_k
+        m.criterion.match_num = [official_k[0]] + [middle.pop()] * (arch["dec_layers"] - 1)
+        m.criterion.match_num.append(official_k[-1])
+        info["match_num"] = list(m.criterion.match_num)
+        info["tau"] = m.criterion.tau
+    else:
+        info["loss_class_type"] = m.criterion.loss_class_type
     info["alpha"] = m.criterion.alpha
     info["gamma"] = m.criterion.gamma
     info["matcher"] = {
         k: m.criterion.matcher[k]
         for k in ("cost_class", "cost_bbox", "cost_giou", "cost_class_type", "alpha", "gamma")
     }
-    info["prior_init"] = m.prior_init
+    info["prior_init"] = m.get("prior_init", 0.01)  # DINO hard-codes 0.01
     info["pos_embed"] = {
         k: m.position_embedding[k] for k in ("temperature", "normalize", "offset")
     } | {"num_pos_feats": d // 2}
@@ -610,17 +645,51 @@ class Recorder:
         return False
 
 
-def record_criterion(model, rec: Dict):
-    """Wraps their criterion (instance attributes only) to record every get_loss call, the
-    IA-BCE rank weights and the unweighted loss dict. Returns an undo function."""
+def record_criterion(model, rec: Dict, kind: str):
+    """Wraps their criterion (instance attributes only) to record the unweighted loss dict and
+    its inputs, and for ``kind`` "align" every get_loss call and the IA-BCE rank weights, for
+    "focal" every matcher call. Returns an undo function."""
+    crit = model.criterion
+    orig_forward = crit.forward
+
+    def forward(outputs, targets, dn_metas=None):
+        rec["targets"] = [{k: v.clone() for k, v in t.items()} for t in targets]
+        rec["criterion_outputs"] = _detach_tree(outputs)
+        losses = orig_forward(outputs, targets, dn_metas)
+        rec["loss_dict_unweighted"] = {k: v.detach().clone() for k, v in losses.items()}
+        return losses
+
+    crit.forward = forward
+    if kind == "align":
+        undo_align = _record_align_losses(crit, rec)
+    else:
+        rec["matcher"] = []
+        orig_match = crit.matcher.forward
+
+        def match(outputs, targets, *a, **kw):
+            indices = orig_match(outputs, targets, *a, **kw)
+            rec["matcher"].append([[s.clone(), t.clone()] for s, t in indices])
+            return indices
+
+        crit.matcher.forward = match
+
+    def undo():
+        del crit.forward
+        if kind == "align":
+            undo_align()
+        else:
+            del crit.matcher.forward
+
+    return undo
+
+
+def _record_align_losses(crit, rec: Dict):
     import aligndetr.criterions.many_to_one_criterion as m2o
     from detrex.layers import box_cxcywh_to_xyxy, box_iou
 
-    crit = model.criterion
     rec["get_loss"] = []
     rec["ia_bce"] = []
     orig_get_loss = crit.get_loss
-    orig_forward = crit.forward
     orig_ia_bce = m2o.IA_BCE_loss
 
     def get_loss(outputs, targets, num_boxes, layer_spec, specify_indices=None):
@@ -667,20 +736,11 @@ def record_criterion(model, rec: Dict):
         )
         return loss, rank_weight
 
-    def forward(outputs, targets, dn_metas=None):
-        rec["targets"] = [{k: v.clone() for k, v in t.items()} for t in targets]
-        rec["criterion_outputs"] = _detach_tree(outputs)
-        losses = orig_forward(outputs, targets, dn_metas)
-        rec["loss_dict_unweighted"] = {k: v.detach().clone() for k, v in losses.items()}
-        return losses
-
     crit.get_loss = get_loss
-    crit.forward = forward
     m2o.IA_BCE_loss = ia_bce
 
     def undo():
         del crit.get_loss
-        del crit.forward
         m2o.IA_BCE_loss = orig_ia_bce
 
     return undo
@@ -713,11 +773,11 @@ def run_eval(model, inputs: List[Dict]) -> Tuple[Dict, List[Dict]]:
     return r.rec, processed
 
 
-def run_train(model, inputs: List[Dict]) -> Tuple[Dict, Dict]:
+def run_train(model, inputs: List[Dict], kind: str) -> Tuple[Dict, Dict]:
     """Training forward (denoising off, dropout 0). Returns (record, weighted loss dict)."""
     model.train()
     with torch.no_grad(), cuda_to_cpu(), Recorder(model) as r:
-        undo = record_criterion(model, r.rec)
+        undo = record_criterion(model, r.rec, kind)
         try:
             loss_dict = model(to_detectron2(inputs))
         finally:
@@ -812,10 +872,14 @@ def quality_ties(rec: Dict) -> Dict:
     return {"min_gap": min_gap, "exact_ties": ties, "ties_by_query": by_query}
 
 
-def matching_is_stable(model, rec: Dict, noise: float = 1e-5, trials: int = 3) -> float:
+def matching_is_stable(model, rec: Dict, kind: str, noise: float = 1e-5, trials: int = 3) -> float:
     """Re-runs their criterion on the recorded training outputs with the matching costs
     perturbed by ``noise``; returns the largest relative change of the total loss."""
-    import aligndetr.matchers.mixed_matcher as mm
+    import importlib
+
+    mm = importlib.import_module(
+        "aligndetr.matchers.mixed_matcher" if kind == "align" else "detrex.modeling.matcher.matcher"
+    )
 
     outputs, targets = rec["criterion_outputs"], rec["targets"]
 
@@ -843,11 +907,11 @@ def matching_is_stable(model, rec: Dict, noise: float = 1e-5, trials: int = 3) -
     return worst
 
 
-def run_criterion(model, outputs: Dict, targets: List[Dict]) -> Tuple[Dict, Dict]:
+def run_criterion(model, outputs: Dict, targets: List[Dict], kind: str) -> Tuple[Dict, Dict]:
     """Their criterion alone on recorded outputs. Returns (unweighted losses, record)."""
     rec = {}
     with torch.no_grad(), cuda_to_cpu():
-        undo = record_criterion(model, rec)
+        undo = record_criterion(model, rec, kind)
         try:
             model.criterion(copy.deepcopy(outputs), copy.deepcopy(targets), None)
         finally:
@@ -916,27 +980,31 @@ def choose_delta(model, recs: Dict[str, Dict], k: int, min_gap: float) -> Option
     return None if best is None else best[0]
 
 
-def make_aligndetr(args) -> Tuple[Dict, Dict]:
-    """Builds, perturbs and runs their Align-DETR; returns (fixture, debug)."""
+def make_two_stage(args) -> Tuple[Dict, Dict]:
+    """Builds, perturbs and runs their Align-DETR or DINO; returns (fixture, debug)."""
+    spec = MODELS[args.model]
+    kind = spec["criterion"]
+    root = args.official_src if spec["src"] == "official" else args.detrex_src
     arch = copy.deepcopy(ARCH)
+    arch["model"] = args.model
     data_dir = args.data_dir or find_deepforest_data(install=False)
     inputs = load_inputs(data_dir, arch["num_classes"])
     k = arch["num_queries"]
     settings = {"single_0": [inputs[0]], "single_1": [inputs[1]], "batched": inputs}
     for attempt in range(args.max_tries):
         seed = args.seed + attempt
-        model, info = build_aligndetr(args.official_src, arch, seed)
+        model, info = build_two_stage(spec, root, arch, seed)
         randomize_(model, seed)
         # Record once without the shift to place it: the encoder does not depend on the heads.
         recs = {name: run_eval(model, x)[0] for name, x in settings.items()}
-        recs["train"] = run_train(model, inputs)[0]
+        recs["train"] = run_train(model, inputs, kind)[0]
         delta = choose_delta(model, recs, k, args.min_enc_gap)
         if delta is None:
             print(f"seed {seed}: no encoder-head shift gives a mixed, well-separated selection")
             continue
         shift_encoder_head_(model, delta)
         out = {name: run_eval(model, x) for name, x in settings.items()}
-        train_rec, loss_dict = run_train(model, inputs)
+        train_rec, loss_dict = run_train(model, inputs, kind)
         recs = {name: o[0] for name, o in out.items()}
         recs["train"] = train_rec
         stats = {}
@@ -946,16 +1014,20 @@ def make_aligndetr(args) -> Tuple[Dict, Dict]:
         enc_gap = min(st["min_gap"] for per in stats.values() for st in per)
         score_gaps = {name: final_score_gaps(model, recs[name]) for name in settings}
         min_score_gap = min(g for gs in score_gaps.values() for g in gs)
-        match_change = matching_is_stable(model, train_rec)
-        ties = quality_ties(train_rec)
+        match_change = matching_is_stable(model, train_rec, kind)
+        ties = quality_ties(train_rec) if kind == "align" else None
         print(
             f"seed {seed}: delta {delta:.2f}, encoder gap {enc_gap:.2e}, final score gap "
-            f"{min_score_gap:.2e}, quality gap {ties['min_gap']:.2e} ({ties['exact_ties']} "
-            f"ties at the floor), loss change under cost noise {match_change:.1e}"
+            f"{min_score_gap:.2e}, loss change under cost noise {match_change:.1e}"
+            + (
+                f", quality gap {ties['min_gap']:.2e} ({ties['exact_ties']} ties at the floor)"
+                if ties
+                else ""
+            )
         )
         if enc_gap < args.min_enc_gap or min_score_gap < args.min_score_gap:
             continue
-        if ties["min_gap"] < args.min_quality_gap or not ties["ties_by_query"]:
+        if ties and (ties["min_gap"] < args.min_quality_gap or not ties["ties_by_query"]):
             continue
         if match_change > 1e-6:
             continue
@@ -976,21 +1048,39 @@ def make_aligndetr(args) -> Tuple[Dict, Dict]:
         single = recs[name]["images_tensor"][0]
         assert torch.equal(b[i, :, : single.shape[1], : single.shape[2]], single)
 
-    cap_targets = cap_case_targets(train_rec["targets"])
-    cap_losses, cap_rec = run_criterion(model, train_rec["criterion_outputs"], cap_targets)
-    again, _ = run_criterion(model, train_rec["criterion_outputs"], train_rec["targets"])
+    if kind == "align":
+        cap_targets = cap_case_targets(train_rec["targets"])
+        cap_losses, cap_rec = run_criterion(
+            model, train_rec["criterion_outputs"], cap_targets, kind
+        )
+    again, _ = run_criterion(model, train_rec["criterion_outputs"], train_rec["targets"], kind)
     for key, v in again.items():  # the criterion alone reproduces the model's loss
         assert torch.equal(v, train_rec["loss_dict_unweighted"][key]), key
 
     state_dict = {k: v.detach().clone() for k, v in model.state_dict().items()}
     _share_aliases(state_dict, model)
     arch_out = dict(arch)
+    if kind == "align":
+        arch_out.update(
+            {
+                "loss_type": "align",
+                "match_k": info["match_num"],
+                "tau": info["tau"],
+                "align_alpha": info["alpha"],
+                "align_gamma": info["gamma"],
+            }
+        )
+    else:
+        arch_out.update(
+            {
+                "loss_type": "focal",
+                "match_k": [1] * (arch["dec_layers"] + 1),
+                "focal_alpha": info["alpha"],
+                "focal_gamma": info["gamma"],
+            }
+        )
     arch_out.update(
         {
-            "match_k": info["match_num"],
-            "tau": info["tau"],
-            "align_alpha": info["alpha"],
-            "align_gamma": info["gamma"],
             "matcher": info["matcher"],
             "weight_dict_base": {
                 k: info["weight_dict"][k] for k in ("loss_class", "loss_bbox", "loss_giou")
@@ -1015,10 +1105,14 @@ def make_aligndetr(args) -> Tuple[Dict, Dict]:
     )
     fixture = {
         "format_version": FORMAT_VERSION,
-        "model": "aligndetr",
+        "model": args.model,
         "source": {
-            "official_repo": "FelixCaae/AlignDETR",
-            "official_commit": args.official_commit or git_commit(args.official_src),
+            "official_repo": "FelixCaae/AlignDETR" if spec["src"] == "official" else None,
+            "official_commit": (
+                args.official_commit or git_commit(args.official_src)
+                if spec["src"] == "official"
+                else None
+            ),
             "detrex_repo": "IDEA-Research/detrex",
             "detrex_commit": args.detrex_commit or git_commit(args.detrex_src),
             "config": info["config"],
@@ -1065,13 +1159,6 @@ def make_aligndetr(args) -> Tuple[Dict, Dict]:
             # the last layer, aux_outputs (decoder layers 1..L-1), enc_outputs (the top-k)
             "targets": train_rec["targets"],
             "criterion_outputs": train_rec["criterion_outputs"],
-            "k_used": matched_per_gt(train_rec["get_loss"]),
-            "cap_case": {
-                "description": cap_case_targets.__doc__,
-                "targets": cap_targets,
-                "loss_dict_unweighted": cap_losses,
-                "k_used": matched_per_gt(cap_rec["get_loss"]),
-            },
         },
         "selection": {
             name: [
@@ -1093,18 +1180,28 @@ def make_aligndetr(args) -> Tuple[Dict, Dict]:
             "min_final_score_gap": min_score_gap,
             "final_score_gaps": score_gaps,
             "loss_change_under_cost_noise_1e-5": match_change,
-            # positives of one GT: smallest non-zero quality gap, exact ties (IoU 0 for both:
-            # t at its 0.01 floor), which their stable CPU sorts rank by increasing query index
-            "quality_within_gt": ties,
         },
     }
+    if kind == "align":
+        fixture["train"]["k_used"] = matched_per_gt(train_rec["get_loss"])
+        fixture["train"]["cap_case"] = {
+            "description": cap_case_targets.__doc__,
+            "targets": cap_targets,
+            "loss_dict_unweighted": cap_losses,
+            "k_used": matched_per_gt(cap_rec["get_loss"]),
+        }
+        # positives of one GT: smallest non-zero quality gap, exact ties (IoU 0 for both: t at
+        # its 0.01 floor), which their stable CPU sorts rank by increasing query index
+        fixture["checks"]["quality_within_gt"] = ties
+    else:
+        fixture["train"]["matcher_indices"] = train_rec["matcher"]
     debug = {
         "arch": arch_out,
         "info": info,
         "records": recs,
-        "cap_case": cap_rec,
+        "cap_case": cap_rec if kind == "align" else None,
         "selection_stats": stats,
-        "optimizer_groups": optimizer_groups(model, args.official_src),
+        "optimizer_groups": optimizer_groups(model, os.path.join(root, spec["config"])),
     }
     return fixture, debug
 
@@ -1134,16 +1231,12 @@ def _share_aliases(state_dict: Dict[str, torch.Tensor], model) -> None:
             by_ptr[key] = name
 
 
-def optimizer_groups(model, official_src: str) -> Dict[str, Dict]:
+def optimizer_groups(model, config_path: str) -> Dict[str, Dict]:
     """Their optimizer's per-parameter lr / weight decay (get_default_optimizer_params with the
     12-epoch config), keyed by the name detectron2 sees first."""
     from detectron2.config import LazyConfig, instantiate
 
-    cfg = LazyConfig.load(
-        os.path.join(
-            official_src, "projects", "aligndetr", "configs", "aligndetr_k=2_r50_4scale_12ep.py"
-        )
-    )
+    cfg = LazyConfig.load(config_path)
     cfg.optimizer.params.model = model
     opt = instantiate(cfg.optimizer)
     names = {}
@@ -1160,13 +1253,13 @@ def optimizer_groups(model, official_src: str) -> Dict[str, Dict]:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--official-src", required=True, help="FelixCaae/AlignDETR checkout")
-    parser.add_argument("--detrex-src", help="IDEA-Research/detrex checkout (unless installed)")
-    parser.add_argument("--model", default="aligndetr", choices=["aligndetr"])
+    parser.add_argument("--official-src", help="FelixCaae/AlignDETR checkout (--model aligndetr)")
+    parser.add_argument("--detrex-src", help="IDEA-Research/detrex checkout")
+    parser.add_argument("--model", default="aligndetr", choices=sorted(MODELS))
     parser.add_argument("--out", required=True, help="fixture file (tests/data/...)")
     parser.add_argument("--debug-out", help="optional file for intermediate tensors")
     parser.add_argument("--data-dir", help="DeepForest data folder (default: installed package)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, help="first seed tried (default: per model)")
     parser.add_argument("--max-tries", type=int, default=60)
     parser.add_argument("--min-enc-gap", type=float, default=1e-3)
     parser.add_argument("--min-score-gap", type=float, default=5e-5)
@@ -1177,8 +1270,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True, warn_only=True)
+    if args.model == "aligndetr" and not args.official_src:
+        parser.error("--model aligndetr needs --official-src")
+    if MODELS[args.model]["src"] == "detrex" and not args.detrex_src:
+        parser.error(f"--model {args.model} needs --detrex-src (its configs and projects/)")
+    if args.seed is None:
+        args.seed = MODELS[args.model].get("seed", 0)
     args.patches = setup_official_imports(args.official_src, args.detrex_src)
-    fixture, debug = make_aligndetr(args)
+    fixture, debug = make_two_stage(args)
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     state_dict = fixture.pop("checkpoint")
