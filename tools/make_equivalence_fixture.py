@@ -1,52 +1,65 @@
 #!/usr/bin/env python
 # Copyright (c) align-detr contributors.
-r"""Runs the official Align-DETR (or detrex DINO) model on the CPU; saves a small golden fixture.
+r"""Runs official detrex-based DETR models on the CPU and saves small golden fixtures.
 
 The official code is never copied into this project: it is imported at run time from the
 checkouts given on the command line (FelixCaae/AlignDETR for ``projects/aligndetr`` and the
-``aligndetr`` criterion package, IDEA-Research/detrex for ``detrex`` and ``projects/dino``). The
-tool builds their model from their own lazy config (``--model aligndetr``:
-``aligndetr_k=2_r50_4scale_12ep.py``; ``--model dino``: ``dino_r50_4scale_12ep.py``, the same
-network with detrex's focal-loss criterion) shrunk to a small size, with random weights, runs it
-on two real tree-crown images of different sizes and saves, in one ``torch.save`` file (plain
-dicts, lists and tensors; ``torch.load(weights_only=True)`` reads it):
+``aligndetr`` criterion package; IDEA-Research/detrex for ``detrex`` and its ``projects/``). The
+tool builds the model from its own lazy config, shrunk to a small size, with random weights:
+
+- ``--model aligndetr``: Align-DETR, ``projects/aligndetr/configs/aligndetr_k=2_r50_4scale_12ep.py``
+  (DINO-4scale with the Align loss and many-to-one matching);
+- ``--model dino``: detrex ``projects/dino/configs/dino-resnet/dino_r50_4scale_12ep.py`` (the same
+  network, focal loss);
+- ``--model h_deformable_detr``: detrex ``projects/h_deformable_detr/configs/
+  h_deformable_detr_r50_two_stage_12ep.py`` (two-stage Deformable DETR with box refinement, mixed
+  query selection and the hybrid one-to-many branch; 300 + 1500 queries scaled to 30 + 150);
+- ``--model conditional_detr``: detrex ``projects/conditional_detr/configs/
+  conditional_detr_r50_50ep.py`` (single-scale res5, conditional cross-attention).
+
+It runs the model on two real tree-crown images of different sizes and saves, in one
+``torch.save`` file (plain dicts, lists and tensors; ``torch.load(weights_only=True)`` reads it):
 
 - ``checkpoint``: ``{"model": state_dict}`` with their parameter names, as their checkpoints have
-  them (including the duplicate ``transformer.decoder.class_embed`` / ``bbox_embed`` aliases);
-- ``arch``: a plain dict of the architecture (see ``ARCH``) to build the same model from our yacs
-  config;
+  them (including duplicate aliases such as ``transformer.decoder.class_embed`` / ``bbox_embed``);
+- ``arch``: a plain dict of the architecture (see ``arch_for``) to build the same model from our
+  yacs config;
 - ``inputs``: the ``batched_inputs`` (uint8 CHW RGB images, height/width, GT instances as
-  tensors) and the normalised per-image tensors their model computes from them;
+  tensors) and (Align-DETR only; every model preprocesses alike) the normalised per-image tensors
+  their model computes from them;
 - ``inference``: their top-k scores / labels / boxes (before and after ``detector_postprocess``)
-  for each image alone (batch 1) and for both images batched;
+  for each image alone (batch 1) and for both images batched, and per-query logits / boxes of
+  every decoder layer;
 - ``train``: their training loss dict (denoising off, dropout 0) on the two-image batch, weighted
-  as their model returns it and unweighted as their criterion computes it, and the total;
-- ``selection`` / ``checks``: how many of the two-stage picks are invalid tokens (padding or
-  proposals outside (0.01, 0.99)) and the score margins that make the comparison stable.
+  as their model returns it and unweighted as their criterion computes it, the total, and the
+  criterion's inputs;
+- ``selection`` / ``checks`` (two-stage models): how many of the two-stage picks are invalid
+  tokens (padding or proposals outside (0.01, 0.99)) and the margins that keep comparisons stable.
 
-The weights are perturbed so that it discriminates: every transformer / head parameter gets noise
-(the per-layer heads, which start as identical copies, become different; the zero-initialised
+The weights are perturbed so that the fixture discriminates: every transformer / head parameter
+gets noise (per-layer heads, which start as identical copies, become different; zero-initialised
 box-head outputs, sampling offsets and attention weights become non-zero), the FrozenBN statistics
-are random, and the encoder's class head is shifted along the feature that invalid tokens all share
-(their memory is zeroed, so ``enc_output_norm(enc_output(0))``) so that their unmasked two-stage
-top-k picks some invalid tokens next to valid ones. Seeds are drawn until the encoder scores around
-every selected rank are separated by at least ``--min-enc-gap`` (logits), the kept final scores by
-at least ``--min-score-gap`` (probabilities), the loss does not change when the matching costs
-get 1e-5 noise and, for Align-DETR, the quality t of two positives of a GT (which sets their rank
-weights) differs by at least ``--min-quality-gap`` unless both sit at its 0.01 floor (IoU 0; such
-ties go to the lower query index, see ``quality_ties``).
+are random, and for the two-stage models the encoder's class head is shifted along the feature
+that invalid tokens all share (their memory is zeroed, so ``enc_output_norm(enc_output(0))``) so
+that their unmasked two-stage top-k picks some invalid tokens next to valid ones. Seeds are drawn
+until the encoder scores around every selected rank are separated by at least ``--min-enc-gap``
+(logits), the kept final scores by at least ``--min-score-gap`` (probabilities), the loss does not
+change when the matching costs get 1e-5 noise and, for Align-DETR, the quality t of two positives
+of a GT (which sets their rank weights) differs by at least ``--min-quality-gap`` unless both sit
+at its 0.01 floor (IoU 0; such ties go to the lower query index, see ``quality_ties``).
 
 Running their code on a CPU needs a few run-time patches (their files are not edited):
 
-- ``detrex._C`` (the compiled CUDA op) is replaced by an empty module when it cannot be imported,
-  so that detrex keeps ``MultiScaleDeformableAttention`` and takes its pure-PyTorch path
+- ``detrex._C`` (the compiled CUDA op) is replaced by an empty module when it is not built, so
+  that detrex keeps ``MultiScaleDeformableAttention`` and takes its pure-PyTorch path
   (``multi_scale_deformable_attn_pytorch``) on CPU tensors;
 - ``detrex.config.get_config`` reads ``<detrex-src>/configs`` (an installed detrex links it as
   ``detrex/config/configs``);
-- ``Tensor.to("cuda")`` / ``Tensor.cuda()`` are redirected to the CPU while their model runs (their
-  criterion builds its zero denoising terms with ``.to("cuda")`` when denoising is off);
-- their decoder calls ``get_sine_pos_embed`` with its default 128 features per coordinate, which
-  only fits d_model 256; for a smaller d_model the tool passes d_model / 2 (a no-op at 256).
+- ``Tensor.to("cuda")`` / ``Tensor.cuda()`` are redirected to the CPU while their model runs (the
+  DINO / Align-DETR criteria build their zero denoising terms with ``.to("cuda")``);
+- sine embeddings of boxes / points with a hard-coded 128 features per coordinate (DINO's and
+  Conditional DETR's ``get_sine_pos_embed`` calls, H-DETR's ``get_proposal_pos_embed``) only fit
+  d_model 256; for a smaller d_model the tool passes d_model / 2 (a no-op at 256).
 
 Environment: their code imports timm, fairscale, einops and wandb at import time; install them in
 a separate virtual environment that also sees this project's torch and detectron2, e.g.::
@@ -56,34 +69,30 @@ a separate virtual environment that also sees this project's torch and detectron
         > /work/official-venv/lib/python3.11/site-packages/main_venv.pth
     /work/official-venv/bin/pip install timm fairscale einops wandb
 
-Regenerate the committed fixtures (deterministic: one CPU thread, fixed seeds; about a minute
-each; the seed search stops at the first seed that passes the checks: 19 for Align-DETR, searched
-from 0, and 108 for DINO, searched from 100)::
+Regenerate the committed fixtures (deterministic: one CPU thread, fixed seeds; up to a minute or
+two each; the seed search stops at the first seed that passes the checks)::
 
     git --git-dir=<mirror of FelixCaae/AlignDETR> archive --prefix=AlignDETR/ \
         4b125f7fe2ff8c3468cd71763fcf971d09ee38db | tar x -C /work/official
     git --git-dir=<mirror of IDEA-Research/detrex> archive --prefix=detrex/ \
         e244e6c3da3e84566728c52c21fb061d23ce0e2f | tar x -C /work/official
-    /work/official-venv/bin/python tools/make_equivalence_fixture.py --model aligndetr \
-        --official-src /work/official/AlignDETR --detrex-src /work/official/detrex \
-        --official-commit 4b125f7fe2ff8c3468cd71763fcf971d09ee38db \
-        --detrex-commit e244e6c3da3e84566728c52c21fb061d23ce0e2f \
-        --out tests/data/golden_aligndetr.pt \
-        --debug-out /work/golden_debug/aligndetr_debug.pt
-    /work/official-venv/bin/python tools/make_equivalence_fixture.py --model dino \
-        --official-src /work/official/AlignDETR --detrex-src /work/official/detrex \
-        --detrex-commit e244e6c3da3e84566728c52c21fb061d23ce0e2f \
-        --out tests/data/golden_dino.pt --debug-out /work/golden_debug/dino_debug.pt
+    for m in aligndetr dino h_deformable_detr conditional_detr; do
+        /work/official-venv/bin/python tools/make_equivalence_fixture.py --model $m \
+            --official-src /work/official/AlignDETR --detrex-src /work/official/detrex \
+            --official-commit 4b125f7fe2ff8c3468cd71763fcf971d09ee38db \
+            --detrex-commit e244e6c3da3e84566728c52c21fb061d23ce0e2f \
+            --out tests/data/golden_$m.pt --debug-out /work/golden_debug/${m}_debug.pt
+    done
 
 (``--official-commit`` / ``--detrex-commit`` are only recorded in the fixture; with git work trees
-they are read from them.) The images come from the DeepForest sample data (``pip install
---no-deps deepforest==2.1.0``; see ``tools/prepare_trees.py``); the fixture holds them, so the
-tests need neither deepforest nor the official code. ``--debug-out`` (optional, several MB) saves
-intermediate tensors for each run: backbone and neck features, level masks and position
-embeddings, encoder memory, proposals (``output_memory`` / ``output_proposals``), the selected
-tokens, per-decoder-layer query_pos / reference inputs / outputs / logits / boxes, the criterion's
-inputs, matcher indices, IA-BCE rank weights, every loss term, and their optimizer's per-parameter
-lr / weight decay.
+they are read from them. ``--official-src`` is only needed for ``aligndetr``.) The images come from
+the DeepForest sample data (``pip install --no-deps deepforest==2.1.0``; see
+``tools/prepare_trees.py``); the fixtures hold them, so the tests need neither deepforest nor the
+official code. ``--debug-out`` (optional, several MB) saves intermediate tensors for each run:
+backbone and neck features, level masks and position embeddings, encoder memory, proposals
+(``output_memory`` / ``output_proposals``), the selected tokens, per-decoder-layer query_pos /
+reference inputs / outputs / logits / boxes, the criterion's inputs, matcher indices, IA-BCE rank
+weights, every loss term, and their optimizer's per-parameter lr / weight decay.
 """
 
 import argparse
@@ -109,15 +118,65 @@ from prepare_trees import clip_box, find_deepforest_data, read_voc  # noqa: E402
 
 FORMAT_VERSION = 1
 
-#: The small Align-DETR configuration. Keys follow the names of our yacs config where one exists.
+#: The official models the tool builds: the checkout holding their lazy config (``src``), the
+#: config, the family (how the network is put together), the criterion kind, the module whose
+#: ``get_sine_pos_embed`` is called with 128 features per coordinate, the first seed tried and
+#: the growth of the box heads' w / h outputs (see randomize_).
+MODELS = {
+    "aligndetr": {
+        "src": "official",
+        "repo": "FelixCaae/AlignDETR",
+        "config": "projects/aligndetr/configs/aligndetr_k=2_r50_4scale_12ep.py",
+        "family": "dino",
+        "criterion": "align",
+        "sine_module": "projects.aligndetr.modeling.transformer",
+        "seed": 0,
+        # the normalised input tensors (0.55 MB) are stored once, here: every model preprocesses
+        # the same way ((image - pixel_mean) / pixel_std, zero padding)
+        "store_normalized_inputs": True,
+    },
+    "dino": {
+        "src": "detrex",
+        "repo": "IDEA-Research/detrex",
+        "config": "projects/dino/configs/dino-resnet/dino_r50_4scale_12ep.py",
+        "family": "dino",
+        "criterion": "focal",
+        "sine_module": "projects.dino.modeling.dino_transformer",
+        # the seed search starts elsewhere than Align-DETR's: same network, other weights
+        "seed": 100,
+    },
+    "h_deformable_detr": {
+        "src": "detrex",
+        "repo": "IDEA-Research/detrex",
+        "config": "projects/h_deformable_detr/configs/h_deformable_detr_r50_two_stage_12ep.py",
+        "family": "hdetr",
+        "criterion": "hybrid",
+        "sine_module": None,  # its proposal embedding is a method, patched on the instance
+        "seed": 200,
+    },
+    "conditional_detr": {
+        "src": "detrex",
+        "repo": "IDEA-Research/detrex",
+        "config": "projects/conditional_detr/configs/conditional_detr_r50_50ep.py",
+        "family": "conditional",
+        "criterion": "focal",
+        "sine_module": "projects.conditional_detr.modeling.conditional_transformer",
+        "seed": 300,
+    },
+}
+
+#: Families whose transformer selects its queries from the encoder (two-stage).
+TWO_STAGE = ("dino", "hdetr")
+
+#: The small architecture shared by the models (keys follow our yacs config where one exists);
+#: arch_for() adds what is specific to one model.
 ARCH = {
-    "model": "aligndetr",
     "d_model": 32,
     "nheads": 2,
     "num_feature_levels": 4,
     "enc_layers": 2,
     "dec_layers": 2,
-    # fixed to 4 inside their TransformerEncoder / TransformerDecoder (not a config option)
+    # fixed to 4 inside their deformable encoder / decoder classes (not a config option)
     "enc_n_points": 4,
     "dec_n_points": 4,
     "enc_ffn_dim": 64,
@@ -125,7 +184,7 @@ ARCH = {
     "dropout": 0.0,
     "num_queries": 30,
     "num_classes": 4,
-    # their select_box_nums_for_evaluation (official default 300 with 900 queries x 80 classes)
+    # their select_box_nums_for_evaluation (official 300 with 900 / 300 queries x 80 classes)
     "num_select": 100,
     "in_features": ["res3", "res4", "res5"],
     "resnet": {
@@ -144,32 +203,45 @@ ARCH = {
     "pixel_mean": [123.675, 116.280, 103.530],
     "pixel_std": [58.395, 57.120, 57.375],
     "input_format": "RGB",
+    # added to the w / h outputs of every box head (inverse-sigmoid space) by randomize_, so that
+    # matched predictions overlap their GT
+    "box_logit_growth": 2.0,
 }
 
-#: The official models the tool builds: their lazy config (relative to the checkout named by
-#: ``src``), the module whose ``get_sine_pos_embed`` is called with 128 features per coordinate,
-#: and the kind of criterion (Align-DETR's many-to-one IA-BCE, or detrex's focal SetCriterion).
-MODELS = {
-    "aligndetr": {
-        "src": "official",
-        "repo": "FelixCaae/AlignDETR",
-        "config": "projects/aligndetr/configs/aligndetr_k=2_r50_4scale_12ep.py",
-        "transformer_module": "projects.aligndetr.modeling.transformer",
-        "criterion": "align",
-    },
-    "dino": {
-        "src": "detrex",
-        "repo": "IDEA-Research/detrex",
-        "config": "projects/dino/configs/dino-resnet/dino_r50_4scale_12ep.py",
-        "transformer_module": "projects.dino.modeling.dino_transformer",
-        "criterion": "focal",
-        # the seed search starts elsewhere than Align-DETR's: same network, other weights
-        "seed": 100,
-    },
-}
 
-#: Added to the w / h outputs of every box head (inverse-sigmoid space) by randomize_.
-BOX_LOGIT_GROWTH = 2.0
+def arch_for(model: str) -> Dict:
+    """The small architecture of ``model`` (a fresh dict)."""
+    arch = copy.deepcopy(ARCH)
+    arch["model"] = model
+    family = MODELS[model]["family"]
+    if family == "hdetr":
+        # official 300 one-to-one + 1500 one-to-many queries (x6 repeated GT), scaled down
+        arch.update(
+            {
+                "num_queries_one2one": arch["num_queries"],
+                "num_queries_one2many": 5 * arch["num_queries"],
+                "k_one2many": 6,
+                "lambda_one2many": 1.0,
+                "mixed_selection": True,
+                "with_box_refine": True,
+                "as_two_stage": True,
+            }
+        )
+    elif family == "conditional":
+        arch.update(
+            {
+                "num_feature_levels": 1,
+                "in_features": ["res5"],
+                "enc_n_points": None,
+                "dec_n_points": None,
+                # their config asks the backbone for res2..res5 and uses res5 only
+                "resnet": dict(arch["resnet"], out_features=["res2", "res3", "res4", "res5"]),
+                # boxes are sigmoid(MLP) around a point reference: already ~0.5 wide at init
+                "box_logit_growth": 0.0,
+            }
+        )
+    return arch
+
 
 #: DeepForest sample images and the windows (x0, y0, x1, y1) cut from them; an optional resize
 #: (w, h) plays the part of the test-time resize, so height/width differ from the input size.
@@ -288,29 +360,45 @@ def build_resnet(arch: Dict):
     return build_resnet_backbone(cfg, ShapeSpec(channels=3))
 
 
-def build_two_stage(spec: Dict, root: str, arch: Dict, seed: int):
-    """Their two-stage DINO-style model (Align-DETR or DINO) from their 12-epoch config, shrunk
-    to ``arch``.
+def _patch_sine(module_name: Optional[str], d: int, info: Dict) -> None:
+    """Their box / point sine embeddings hard-code 128 features per coordinate (= d_model / 2
+    at 256): for a smaller d_model the module's ``get_sine_pos_embed`` gets d_model / 2."""
+    if module_name is None or d == 256:
+        return
+    import importlib
+
+    mod = importlib.import_module(module_name)
+    fn = mod.get_sine_pos_embed
+    fn = fn.func if isinstance(fn, functools.partial) else fn
+    mod.get_sine_pos_embed = functools.partial(fn, num_pos_feats=d // 2)
+    info["patched_get_sine_pos_embed_num_pos_feats"] = d // 2
+
+
+def _shrink_layers(part, arch: Dict, n_layers: int, ffn: int) -> None:
+    part.embed_dim = arch["d_model"]
+    part.num_heads = arch["nheads"]
+    part.feedforward_dim = ffn
+    part.attn_dropout = arch["dropout"]
+    part.ffn_dropout = arch["dropout"]
+    part.num_layers = n_layers
+
+
+def build_model(spec: Dict, root: str, arch: Dict, seed: int):
+    """Their model from their config, shrunk to ``arch``, on the CPU.
 
     Returns:
         (model, info) with info holding the official settings read from their config.
     """
-    import importlib
-
     from detectron2.config import LazyConfig, instantiate
     from detectron2.layers import ShapeSpec
 
-    their_transformer = importlib.import_module(spec["transformer_module"])
-    config_path = os.path.join(root, spec["config"])
-    cfg = LazyConfig.load(config_path)
+    family = spec["family"]
+    cfg = LazyConfig.load(os.path.join(root, spec["config"]))
     m = cfg.model
     d = arch["d_model"]
     info = {
         "config": spec["config"],
-        "official_dn_number": m.dn_number,
-        "official_label_noise_ratio": m.label_noise_ratio,
-        "official_box_noise_scale": m.box_noise_scale,
-        "official_num_queries": m.num_queries,
+        "official_num_queries": m.get("num_queries", None),
         "official_d_model": m.embed_dim,
         "official_optimizer": {
             "type": "AdamW",
@@ -321,6 +409,8 @@ def build_two_stage(spec: Dict, root: str, arch: Dict, seed: int):
             "backbone_lr_factor": cfg.optimizer.params.lr_factor_func("backbone.x"),
         },
         "official_clip_grad": dict(cfg.train.clip_grad.params),
+        "official_max_iter": cfg.train.max_iter,
+        "official_select_box_nums_for_evaluation": m.get("select_box_nums_for_evaluation", 300),
     }
     torch.manual_seed(seed)
     backbone = build_resnet(arch)
@@ -328,27 +418,50 @@ def build_two_stage(spec: Dict, root: str, arch: Dict, seed: int):
     m.device = "cpu"
     m.backbone = backbone
     m.position_embedding.num_pos_feats = d // 2
-    m.neck.input_shapes = {f: ShapeSpec(channels=shapes[f].channels) for f in arch["in_features"]}
-    m.neck.in_features = list(arch["in_features"])
-    m.neck.out_channels = d
-    m.neck.norm_layer.num_channels = d
-    t = m.transformer
-    for part, n_layers, ffn in (
-        (t.encoder, arch["enc_layers"], arch["enc_ffn_dim"]),
-        (t.decoder, arch["dec_layers"], arch["dec_ffn_dim"]),
-    ):
-        part.embed_dim = d
-        part.num_heads = arch["nheads"]
-        part.feedforward_dim = ffn
-        part.attn_dropout = arch["dropout"]
-        part.ffn_dropout = arch["dropout"]
-        part.num_layers = n_layers
-    t.num_feature_levels = arch["num_feature_levels"]
     m.embed_dim = d
     m.num_classes = arch["num_classes"]
-    m.num_queries = arch["num_queries"]
     m.select_box_nums_for_evaluation = arch["num_select"]
-    m.dn_number = 0  # denoising off in the fixture (official: dn_number above)
+    m.criterion.num_classes = arch["num_classes"]  # a literal 80 in some of their configs
+    t = m.transformer
+    _shrink_layers(t.encoder, arch, arch["enc_layers"], arch["enc_ffn_dim"])
+    _shrink_layers(t.decoder, arch, arch["dec_layers"], arch["dec_ffn_dim"])
+    if family in TWO_STAGE:
+        m.neck.input_shapes = {
+            f: ShapeSpec(channels=shapes[f].channels) for f in arch["in_features"]
+        }
+        m.neck.in_features = list(arch["in_features"])
+        m.neck.out_channels = d
+        m.neck.norm_layer.num_channels = d
+        t.num_feature_levels = arch["num_feature_levels"]
+        info["neck"] = {
+            "kernel_size": m.neck.kernel_size,
+            "num_outs": m.neck.num_outs,
+            "group_norm_groups": m.neck.norm_layer.num_groups,
+        }
+    if family == "dino":
+        info["official_dn_number"] = m.dn_number
+        info["official_label_noise_ratio"] = m.label_noise_ratio
+        info["official_box_noise_scale"] = m.box_noise_scale
+        m.num_queries = arch["num_queries"]
+        m.dn_number = 0  # denoising off in the fixture (official: dn_number above)
+        info["prior_init"] = m.get("prior_init", 0.01)  # DINO hard-codes 0.01
+    elif family == "hdetr":
+        info["official_num_queries"] = [m.num_queries_one2one, m.num_queries_one2many]
+        info["official_two_stage_num_proposals"] = t.two_stage_num_proposals
+        info["official_k_one2many"] = m.k_one2many
+        m.num_queries_one2one = arch["num_queries_one2one"]
+        m.num_queries_one2many = arch["num_queries_one2many"]
+        t.two_stage_num_proposals = arch["num_queries_one2one"] + arch["num_queries_one2many"]
+        for key in ("k_one2many", "lambda_one2many", "mixed_selection"):
+            assert m[key] == arch[key], (key, m[key])
+        assert m.with_box_refine and m.as_two_stage
+        info["prior_init"] = 0.01
+    elif family == "conditional":
+        m.in_features = list(arch["in_features"])
+        m.in_channels = shapes[arch["in_features"][-1]].channels
+        m.num_queries = arch["num_queries"]
+        assert list(m.backbone.output_shape()) == arch["resnet"]["out_features"]
+        info["prior_init"] = 0.01
     if spec["criterion"] == "align":
         official_k = list(m.criterion.match_num)
         info["official_match_num"] = official_k
@@ -366,41 +479,34 @@ def build_two_stage(spec: Dict, root: str, arch: Dict, seed: int):
         k: m.criterion.matcher[k]
         for k in ("cost_class", "cost_bbox", "cost_giou", "cost_class_type", "alpha", "gamma")
     }
-    info["prior_init"] = m.get("prior_init", 0.01)  # DINO hard-codes 0.01
     info["pos_embed"] = {
-        k: m.position_embedding[k] for k in ("temperature", "normalize", "offset")
-    } | {"num_pos_feats": d // 2}
-    info["neck"] = {
-        "kernel_size": m.neck.kernel_size,
-        "num_outs": m.neck.num_outs,
-        "group_norm_groups": m.neck.norm_layer.num_groups,
+        "temperature": m.position_embedding.temperature,
+        "normalize": m.position_embedding.normalize,
+        "offset": m.position_embedding.get("offset", 0.0),
+        "num_pos_feats": d // 2,
     }
-    # Their decoder hard-codes 128 sine features per box coordinate (= d_model / 2 at 256).
-    if d != 256:
-        their_transformer.get_sine_pos_embed = functools.partial(
-            (
-                their_transformer.get_sine_pos_embed.func
-                if isinstance(their_transformer.get_sine_pos_embed, functools.partial)
-                else their_transformer.get_sine_pos_embed
-            ),
-            num_pos_feats=d // 2,
-        )
-        info["patched_get_sine_pos_embed_num_pos_feats"] = d // 2
+    _patch_sine(spec["sine_module"], d, info)
     model = instantiate(cfg.model)
     model.to("cpu")
-    info["weight_dict"] = dict(model.criterion.weight_dict)
+    if family == "hdetr" and d != 256:
+        # their proposal embedding: 128 features per coordinate into pos_trans (2 d_model wide)
+        fn = model.transformer.get_proposal_pos_embed
+        model.transformer.get_proposal_pos_embed = functools.partial(fn, num_pos_feats=d // 2)
+        info["patched_get_proposal_pos_embed_num_pos_feats"] = d // 2
+    weight_dict = dict(model.criterion.weight_dict)
+    if family == "hdetr":  # as their forward extends it
+        weight_dict.update({k + "_one2many": v for k, v in list(weight_dict.items())})
+    info["weight_dict"] = weight_dict
     return model, info
 
 
-def _noise_(p: torch.Tensor, gen: torch.Generator, rel: float, floor: float):
-    """Adds N(0, sigma) noise, sigma = rel * std(p) or floor for constant tensors."""
-    std = p.float().std().item() if p.numel() > 1 else 0.0
-    sigma = rel * std if std > 1e-6 else floor
-    p.add_(torch.randn(p.shape, generator=gen) * sigma)
+def _heads(x) -> List:
+    """A model's class / box heads as a list (a ModuleList, or one module)."""
+    return list(x) if isinstance(x, torch.nn.ModuleList) else [x]
 
 
 @torch.no_grad()
-def randomize_(model, seed: int) -> None:
+def randomize_(model, seed: int, box_logit_growth: float) -> None:
     """Perturbs every weight so the fixture discriminates (see the module docstring)."""
     from detectron2.layers import FrozenBatchNorm2d
 
@@ -412,24 +518,68 @@ def randomize_(model, seed: int) -> None:
             mod.bias.copy_(0.1 * torch.randn(n, generator=gen))
             mod.running_mean.copy_(0.1 * torch.randn(n, generator=gen))
             mod.running_var.copy_(0.5 + torch.rand(n, generator=gen))
-    heads = {id(p) for h in (model.class_embed, model.bbox_embed) for p in h.parameters()}
+    class_heads = list({id(h): h for h in _heads(model.class_embed)}.values())
+    box_heads = list({id(h): h for h in _heads(model.bbox_embed)}.values())
+    heads = {id(p) for h in class_heads + box_heads for p in h.parameters()}
     for name, p in model.named_parameters():
         if name.startswith("backbone.") or id(p) in heads:
             continue
         floor = 0.1 if "sampling_offsets" in name or "attention_weights" in name else 0.05
         _noise_(p, gen, 0.3, floor)
-    for head in model.class_embed:
+    for head in class_heads:
         head.weight.mul_(3.0)
         head.bias.copy_(-1.0 + 0.5 * torch.randn(head.bias.shape, generator=gen))
         _noise_(head.weight, gen, 0.5, 0.05)
-    for head in model.bbox_embed:
+    for head in box_heads:
         for i, layer in enumerate(head.layers):
             last = i == len(head.layers) - 1
             _noise_(layer.weight, gen, 0.3, 0.15 if last else 0.05)
             _noise_(layer.bias, gen, 0.3, 0.2 if last else 0.05)
         # larger boxes: matched predictions overlap their GT, so that the quality t (and the
         # rank of the positives of a GT) is not decided by the 0.01 floor of an IoU of 0
-        head.layers[-1].bias[2:].add_(BOX_LOGIT_GROWTH)
+        head.layers[-1].bias[2:].add_(box_logit_growth)
+
+
+def _noise_(p: torch.Tensor, gen: torch.Generator, rel: float, floor: float):
+    """Adds N(0, sigma) noise, sigma = rel * std(p) or floor for constant tensors."""
+    std = p.float().std().item() if p.numel() > 1 else 0.0
+    sigma = rel * std if std > 1e-6 else floor
+    p.add_(torch.randn(p.shape, generator=gen) * sigma)
+
+
+@torch.no_grad()
+def spread_conditional_queries_(model, single_recs: List[Dict], seed: int) -> None:
+    """Conditional DETR at random init: the decoder content starts at zero and the first
+    self-attention averages identical values, so all queries come out nearly the same (their
+    scores differ by ~0.01 logit). The decoder's attention projections are scaled x3 (sharper,
+    position-dependent attention) by the caller before the first pass; here the class head and
+    the w / h rows of the box head's last layer are scaled x10 and re-centred on the final layer's
+    states of the two images (``single_recs``: one eval record per image), so that scores spread
+    over (0, 1) and box sizes differ between queries."""
+    gen = torch.Generator().manual_seed(seed + 2000)
+    h = torch.cat([r["inter_states"][-1].flatten(0, 1) for r in single_recs])
+    head = model.class_embed
+    head.weight.mul_(10.0)
+    head.bias.copy_(
+        -(h @ head.weight.T).mean(0) + 0.5 * torch.randn(head.bias.shape, generator=gen)
+    )
+    hidden = h
+    for layer in model.bbox_embed.layers[:-1]:
+        hidden = torch.relu(layer(hidden))
+    last = model.bbox_embed.layers[-1]
+    last.weight[2:].mul_(10.0)
+    wh = hidden @ last.weight[2:].T
+    last.bias[2:].copy_(-wh.mean(0) - 1.0 + 0.3 * torch.randn(2, generator=gen))
+
+
+@torch.no_grad()
+def sharpen_conditional_attention_(model) -> None:
+    """Scales the content / position projections of the decoder's attentions x3 (see
+    spread_conditional_queries_)."""
+    for name, p in model.transformer.decoder.named_parameters():
+        if "attentions" in name and name.endswith("weight"):
+            if "pos" in name or "content_proj" in name:
+                p.mul_(3.0)
 
 
 @torch.no_grad()
@@ -519,12 +669,26 @@ def to_detectron2(inputs: List[Dict]) -> List[Dict]:
 
 # ---- running their model with recorders -----------------------------------------------------
 
+#: Names of what each family's transformer returns.
+TRANSFORMER_OUTPUTS = {
+    "dino": ("inter_states", "init_reference", "inter_references", "enc_state", "enc_reference"),
+    "hdetr": (
+        "inter_states",
+        "init_reference",
+        "inter_references",
+        "enc_outputs_class",
+        "enc_outputs_coord_unact",
+    ),
+    "conditional": ("inter_states", "reference"),
+}
+
 
 class Recorder:
     """Wraps methods of their model to record intermediate tensors of one forward pass."""
 
-    def __init__(self, model):
+    def __init__(self, model, family: str):
         self.model = model
+        self.family = family
         self.rec: Dict = {}
         self._undo = []
         self._hooks = []
@@ -535,7 +699,7 @@ class Recorder:
         setattr(obj, name, fn(orig))
 
     def __enter__(self):
-        m, t, rec = self.model, self.model.transformer, self.rec
+        m, t, rec, family = self.model, self.model.transformer, self.rec, self.family
 
         def wrap_preprocess(orig):
             def f(batched_inputs):
@@ -559,18 +723,16 @@ class Recorder:
             return f
 
         def wrap_transformer_forward(orig):
-            def f(feats, masks, pos, query_embed, attn_masks, **kw):
-                rec["level_masks"] = [x.detach().clone() for x in masks]
-                rec["level_pos_embeds"] = [x.detach().clone() for x in pos]
-                out = orig(feats, masks, pos, query_embed, attn_masks, **kw)
-                names = (
-                    "inter_states",
-                    "init_reference",
-                    "inter_references",
-                    "enc_state",
-                    "enc_reference",
-                )
-                for k, v in zip(names, out, strict=True):
+            def f(*args, **kw):
+                if family in TWO_STAGE:
+                    rec["level_masks"] = [x.detach().clone() for x in args[1]]
+                    rec["level_pos_embeds"] = [x.detach().clone() for x in args[2]]
+                else:  # features, mask, query_embed, pos_embed
+                    rec["input_proj_features"] = args[0].detach().clone()
+                    rec["mask"] = args[1].detach().clone()
+                    rec["pos_embed"] = args[3].detach().clone()
+                out = orig(*args, **kw)
+                for k, v in zip(TRANSFORMER_OUTPUTS[family], out, strict=True):
                     rec[k] = v.detach().clone()
                 return out
 
@@ -578,8 +740,10 @@ class Recorder:
 
         def wrap_set_aux(orig):
             def f(outputs_class, outputs_coord):
-                rec["layer_logits"] = outputs_class.detach().clone()
-                rec["layer_boxes"] = outputs_coord.detach().clone()
+                # H-DETR calls it twice: one-to-one queries first, then one-to-many
+                suffix = "_one2many" if "layer_logits" in rec else ""
+                rec["layer_logits" + suffix] = outputs_class.detach().clone()
+                rec["layer_boxes" + suffix] = outputs_coord.detach().clone()
                 return orig(outputs_class, outputs_coord)
 
             return f
@@ -600,34 +764,32 @@ class Recorder:
             return f
 
         self._wrap(m, "preprocess_image", wrap_preprocess)
-        self._wrap(t, "gen_encoder_output_proposals", wrap_proposals)
+        if hasattr(t, "gen_encoder_output_proposals"):
+            self._wrap(t, "gen_encoder_output_proposals", wrap_proposals)
         self._wrap(t, "forward", wrap_transformer_forward)
         self._wrap(m, "_set_aux_loss", wrap_set_aux)
         self._wrap(m, "inference", wrap_inference)
 
         def keep(name):
             def hook(_mod, _inp, out):
-                if isinstance(out, dict):
-                    rec[name] = {k: v.detach().clone() for k, v in out.items()}
-                elif isinstance(out, (tuple, list)):
-                    rec[name] = [v.detach().clone() for v in out]
-                else:
-                    rec[name] = out.detach().clone()
+                rec[name] = _detach_tree(out)
 
             return hook
 
         self._hooks.append(m.backbone.register_forward_hook(keep("backbone_features")))
-        self._hooks.append(m.neck.register_forward_hook(keep("neck_features")))
+        if hasattr(m, "neck"):
+            self._hooks.append(m.neck.register_forward_hook(keep("neck_features")))
         self._hooks.append(t.encoder.register_forward_hook(keep("encoder_memory")))
         rec["decoder_layers"] = []
 
         def dec_hook(_mod, _args, kwargs, out):
             rec["decoder_layers"].append(
                 {
-                    "query_pos": kwargs["query_pos"].detach().clone(),
-                    "reference_points_input": kwargs["reference_points"].detach().clone(),
-                    "output_unnormed": out.detach().clone(),
+                    k: _detach_tree(kwargs[k])
+                    for k in ("query_pos", "reference_points", "query_sine_embed")
+                    if kwargs.get(k) is not None
                 }
+                | {"output_unnormed": out.detach().clone()}
             )
 
         for layer in t.decoder.layers:
@@ -645,42 +807,69 @@ class Recorder:
         return False
 
 
-def record_criterion(model, rec: Dict, kind: str):
-    """Wraps their criterion (instance attributes only) to record the unweighted loss dict and
-    its inputs, and for ``kind`` "align" every get_loss call and the IA-BCE rank weights, for
-    "focal" every matcher call. Returns an undo function."""
+def record_criterion(model, rec: Dict, spec: Dict):
+    """Wraps their criterion (instance attributes only) to record the unweighted loss dict and its
+    inputs, every matcher call, and for Align-DETR every get_loss call and the IA-BCE rank
+    weights. Returns an undo function."""
     crit = model.criterion
+    rec["criterion_calls"] = []
+    rec["matcher"] = []
     orig_forward = crit.forward
+    orig_match = crit.matcher.forward
 
-    def forward(outputs, targets, dn_metas=None):
-        rec["targets"] = [{k: v.clone() for k, v in t.items()} for t in targets]
-        rec["criterion_outputs"] = _detach_tree(outputs)
-        losses = orig_forward(outputs, targets, dn_metas)
-        rec["loss_dict_unweighted"] = {k: v.detach().clone() for k, v in losses.items()}
+    def forward(outputs, targets, *args):
+        call = {
+            "targets": [{k: v.clone() for k, v in t.items()} for t in targets],
+            "outputs": _detach_tree(outputs),
+        }
+        losses = orig_forward(outputs, targets, *args)
+        call["losses"] = {k: v.detach().clone() for k, v in losses.items()}
+        rec["criterion_calls"].append(call)
         return losses
 
+    def match(outputs, targets, *a, **kw):
+        indices = orig_match(outputs, targets, *a, **kw)
+        rec["matcher"].append([[s.clone(), t.clone()] for s, t in indices])
+        return indices
+
     crit.forward = forward
-    if kind == "align":
-        undo_align = _record_align_losses(crit, rec)
-    else:
-        rec["matcher"] = []
-        orig_match = crit.matcher.forward
+    crit.matcher.forward = match
+    undo_more = _record_align_losses(crit, rec) if spec["criterion"] == "align" else None
+    undo_hybrid = None
+    if spec["criterion"] == "hybrid":  # one-to-one + one-to-many (repeated GT) losses, merged
+        orig_hybrid = model.train_hybrid
 
-        def match(outputs, targets, *a, **kw):
-            indices = orig_match(outputs, targets, *a, **kw)
-            rec["matcher"].append([[s.clone(), t.clone()] for s, t in indices])
-            return indices
+        def train_hybrid(outputs, targets, *a, **kw):
+            losses = orig_hybrid(outputs, targets, *a, **kw)
+            rec["hybrid_losses"] = {k: v.detach().clone() for k, v in losses.items()}
+            return losses
 
-        crit.matcher.forward = match
+        model.train_hybrid = train_hybrid
+
+        def undo_hybrid():
+            del model.train_hybrid
 
     def undo():
         del crit.forward
-        if kind == "align":
-            undo_align()
-        else:
-            del crit.matcher.forward
+        del crit.matcher.forward
+        if undo_more:
+            undo_more()
+        if undo_hybrid:
+            undo_hybrid()
 
     return undo
+
+
+def _finish_criterion_record(rec: Dict, spec: Dict) -> None:
+    """The criterion's first call holds the inputs; the unweighted loss dict is the criterion's
+    output (for H-DETR, train_hybrid's merge of both calls)."""
+    first = rec["criterion_calls"][0]
+    rec["targets"] = first["targets"]
+    rec["criterion_outputs"] = first["outputs"]
+    if spec["criterion"] == "hybrid":
+        rec["loss_dict_unweighted"] = rec["hybrid_losses"]
+    else:
+        rec["loss_dict_unweighted"] = first["losses"]
 
 
 def _record_align_losses(crit, rec: Dict):
@@ -756,10 +945,10 @@ def _detach_tree(x):
     return x
 
 
-def run_eval(model, inputs: List[Dict]) -> Tuple[Dict, List[Dict]]:
+def run_eval(model, inputs: List[Dict], spec: Dict) -> Tuple[Dict, List[Dict]]:
     """Inference on ``inputs`` (one batch). Returns (record, processed results as tensors)."""
     model.eval()
-    with torch.no_grad(), cuda_to_cpu(), Recorder(model) as r:
+    with torch.no_grad(), cuda_to_cpu(), Recorder(model, spec["family"]) as r:
         results = model(to_detectron2(inputs))
     processed = [
         {
@@ -773,25 +962,28 @@ def run_eval(model, inputs: List[Dict]) -> Tuple[Dict, List[Dict]]:
     return r.rec, processed
 
 
-def run_train(model, inputs: List[Dict], kind: str) -> Tuple[Dict, Dict]:
+def run_train(model, inputs: List[Dict], spec: Dict) -> Tuple[Dict, Dict]:
     """Training forward (denoising off, dropout 0). Returns (record, weighted loss dict)."""
     model.train()
-    with torch.no_grad(), cuda_to_cpu(), Recorder(model) as r:
-        undo = record_criterion(model, r.rec, kind)
+    with torch.no_grad(), cuda_to_cpu(), Recorder(model, spec["family"]) as r:
+        undo = record_criterion(model, r.rec, spec)
         try:
             loss_dict = model(to_detectron2(inputs))
         finally:
             undo()
+    _finish_criterion_record(r.rec, spec)
     return r.rec, {k: v.detach().clone() for k, v in loss_dict.items()}
 
 
 # ---- checks ---------------------------------------------------------------------------------
 
 
-def enc_scores(model, rec: Dict, delta: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Two-stage scores (max class logit per token) their transformer ranks, and the invalid
-    token mask (memory zeroed, proposal +inf), for a recorded forward pass; ``delta`` adds the
-    shift of shift_encoder_head_ on top of the current head."""
+def enc_scores(
+    model, rec: Dict, family: str, delta: float = 0.0
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Two-stage scores their transformer ranks (DINO: the max class logit per token; H-DETR:
+    the logit of class 0), and the invalid token mask (memory zeroed, proposal +inf), for a
+    recorded forward pass; ``delta`` adds the shift of shift_encoder_head_ to the current head."""
     t = model.transformer
     head = t.decoder.class_embed[t.decoder.num_layers]
     with torch.no_grad():
@@ -801,7 +993,8 @@ def enc_scores(model, rec: Dict, delta: float = 0.0) -> Tuple[torch.Tensor, torc
             v = invalid_token_feature(model)
             logits = logits + delta * (x @ v / v.dot(v))[..., None]
     invalid = torch.isinf(rec["output_proposals"]).any(-1)
-    return logits.max(-1)[0], invalid
+    scores = logits.max(-1)[0] if family == "dino" else logits[..., 0]
+    return scores, invalid
 
 
 def selection_stats(scores: torch.Tensor, invalid: torch.Tensor, k: int) -> Dict:
@@ -872,22 +1065,44 @@ def quality_ties(rec: Dict) -> Dict:
     return {"min_gap": min_gap, "exact_ties": ties, "ties_by_query": by_query}
 
 
-def matching_is_stable(model, rec: Dict, kind: str, noise: float = 1e-5, trials: int = 3) -> float:
+def run_criterion(model, outputs: Dict, targets: List[Dict], spec: Dict) -> Tuple[Dict, Dict]:
+    """Their criterion alone (H-DETR: train_hybrid) on recorded outputs, as their training
+    forward calls it. Returns (unweighted losses, record)."""
+    rec = {}
+    outputs, targets = copy.deepcopy(outputs), copy.deepcopy(targets)
+    with torch.no_grad(), cuda_to_cpu():
+        undo = record_criterion(model, rec, spec)
+        try:
+            if spec["criterion"] == "hybrid":
+                model.train_hybrid(
+                    outputs, targets, model.k_one2many, model.criterion, model.lambda_one2many
+                )
+            elif spec["family"] == "dino":
+                model.criterion(outputs, targets, None)
+            else:
+                model.criterion(outputs, targets)
+        finally:
+            undo()
+    _finish_criterion_record(rec, spec)
+    return rec["loss_dict_unweighted"], rec
+
+
+def matching_is_stable(
+    model, rec: Dict, spec: Dict, weight_dict: Dict, noise: float = 1e-5, trials: int = 3
+) -> float:
     """Re-runs their criterion on the recorded training outputs with the matching costs
     perturbed by ``noise``; returns the largest relative change of the total loss."""
     import importlib
 
     mm = importlib.import_module(
-        "aligndetr.matchers.mixed_matcher" if kind == "align" else "detrex.modeling.matcher.matcher"
+        "aligndetr.matchers.mixed_matcher"
+        if spec["criterion"] == "align"
+        else "detrex.modeling.matcher.matcher"
     )
 
-    outputs, targets = rec["criterion_outputs"], rec["targets"]
-
     def total():
-        with torch.no_grad(), cuda_to_cpu():
-            losses = model.criterion(copy.deepcopy(outputs), copy.deepcopy(targets), None)
-        w = model.criterion.weight_dict
-        return sum(float(v) * w.get(k, 1.0) for k, v in losses.items())
+        losses, _ = run_criterion(model, rec["criterion_outputs"], rec["targets"], spec)
+        return sum(float(v) * weight_dict.get(k, 1.0) for k, v in losses.items())
 
     ref = total()
     orig = mm.linear_sum_assignment
@@ -905,18 +1120,6 @@ def matching_is_stable(model, rec: Dict, kind: str, noise: float = 1e-5, trials:
     finally:
         mm.linear_sum_assignment = orig
     return worst
-
-
-def run_criterion(model, outputs: Dict, targets: List[Dict], kind: str) -> Tuple[Dict, Dict]:
-    """Their criterion alone on recorded outputs. Returns (unweighted losses, record)."""
-    rec = {}
-    with torch.no_grad(), cuda_to_cpu():
-        undo = record_criterion(model, rec, kind)
-        try:
-            model.criterion(copy.deepcopy(outputs), copy.deepcopy(targets), None)
-        finally:
-            undo()
-    return rec["loss_dict_unweighted"], rec
 
 
 def cap_case_targets(targets: List[Dict]) -> List[Dict]:
@@ -951,22 +1154,33 @@ def matched_per_gt(get_loss_records: List[Dict]) -> List[Dict]:
 # ---- main -----------------------------------------------------------------------------------
 
 
-def enc_logits(model, rec: Dict) -> torch.Tensor:
-    """Their encoder output's class logits for the selected tokens (as in their forward)."""
+def enc_outputs(model, rec: Dict, family: str) -> Dict[str, torch.Tensor]:
+    """Their encoder outputs as their criterion sees them: DINO / Align-DETR the selected tokens
+    (logits = class_embed[L](gathered output_memory), boxes = sigmoid of their coords), H-DETR
+    every token (+inf coords of invalid tokens give boxes of 1)."""
     with torch.no_grad():
-        return model.transformer.decoder.class_embed[-1](rec["enc_state"])
+        if family == "dino":
+            logits = model.transformer.decoder.class_embed[-1](rec["enc_state"])
+            return {"enc_logits": logits, "enc_boxes": rec["enc_reference"]}
+        return {
+            "enc_logits": rec["enc_outputs_class"],
+            "enc_boxes": rec["enc_outputs_coord_unact"].sigmoid(),
+        }
 
 
-def choose_delta(model, recs: Dict[str, Dict], k: int, min_gap: float) -> Optional[float]:
+def choose_delta(
+    model, recs: Dict[str, Dict], ks: Dict[str, int], family: str, min_gap: float
+) -> Optional[float]:
     """Scans encoder-head shifts. Among those whose top-(k+1) encoder scores are separated by at
     least ``min_gap`` everywhere, keeps the one where every image with invalid tokens picks the
     most balanced mix (the largest min(#invalid, #valid) over images, at least 3), then the
     largest gap. Returns the shift or None."""
     best = None
     for delta in torch.linspace(0.0, 10.0, 2001).tolist():
-        balance, worst_gap = k, float("inf")
-        for rec in recs.values():
-            s, inv = enc_scores(model, rec, delta)
+        balance, worst_gap = min(ks.values()), float("inf")
+        for name, rec in recs.items():
+            k = ks[name]
+            s, inv = enc_scores(model, rec, family, delta)
             for i in range(s.shape[0]):
                 st = selection_stats(s[i], inv[i], k)
                 worst_gap = min(worst_gap, st["min_gap"])
@@ -980,45 +1194,69 @@ def choose_delta(model, recs: Dict[str, Dict], k: int, min_gap: float) -> Option
     return None if best is None else best[0]
 
 
-def make_two_stage(args) -> Tuple[Dict, Dict]:
-    """Builds, perturbs and runs their Align-DETR or DINO; returns (fixture, debug)."""
+def check_selection(model, recs: Dict[str, Dict], stats: Dict[str, List[Dict]]) -> None:
+    """The recorded selection is what their transformer used: the initial references are the
+    sigmoid of the gathered two-stage coordinates (+inf for invalid tokens -> 1)."""
+    t = model.transformer
+    head = t.decoder.bbox_embed[t.decoder.num_layers]
+    for name, rec in recs.items():
+        idx = torch.stack([st["topk_index"] for st in stats[name]])
+        with torch.no_grad():
+            coords = head(rec["output_memory"]) + rec["output_proposals"]
+        gathered = torch.gather(coords, 1, idx[..., None].expand(-1, -1, 4)).sigmoid()
+        assert torch.equal(gathered, rec["init_reference"][:, -idx.shape[1] :]), name
+
+
+def make_fixture(args) -> Tuple[Dict, Dict]:
+    """Builds, perturbs and runs their model; returns (fixture, debug)."""
     spec = MODELS[args.model]
-    kind = spec["criterion"]
+    family, kind = spec["family"], spec["criterion"]
     root = args.official_src if spec["src"] == "official" else args.detrex_src
-    arch = copy.deepcopy(ARCH)
-    arch["model"] = args.model
+    arch = arch_for(args.model)
     data_dir = args.data_dir or find_deepforest_data(install=False)
     inputs = load_inputs(data_dir, arch["num_classes"])
-    k = arch["num_queries"]
     settings = {"single_0": [inputs[0]], "single_1": [inputs[1]], "batched": inputs}
+    # queries selected by the two-stage top-k: H-DETR adds its one-to-many queries in training
+    ks = {name: arch["num_queries"] for name in settings}
+    ks["train"] = arch["num_queries"] + arch.get("num_queries_one2many", 0)
+    two_stage = family in TWO_STAGE
+    delta = None
     for attempt in range(args.max_tries):
         seed = args.seed + attempt
-        model, info = build_two_stage(spec, root, arch, seed)
-        randomize_(model, seed)
-        # Record once without the shift to place it: the encoder does not depend on the heads.
-        recs = {name: run_eval(model, x)[0] for name, x in settings.items()}
-        recs["train"] = run_train(model, inputs, kind)[0]
-        delta = choose_delta(model, recs, k, args.min_enc_gap)
-        if delta is None:
-            print(f"seed {seed}: no encoder-head shift gives a mixed, well-separated selection")
-            continue
-        shift_encoder_head_(model, delta)
-        out = {name: run_eval(model, x) for name, x in settings.items()}
-        train_rec, loss_dict = run_train(model, inputs, kind)
+        model, info = build_model(spec, root, arch, seed)
+        randomize_(model, seed, arch["box_logit_growth"])
+        if family == "conditional":
+            sharpen_conditional_attention_(model)
+            singles = [run_eval(model, settings[n], spec)[0] for n in ("single_0", "single_1")]
+            spread_conditional_queries_(model, singles, seed)
+        if two_stage:
+            # Place the shift on a first pass: the encoder does not depend on the heads.
+            recs = {name: run_eval(model, x, spec)[0] for name, x in settings.items()}
+            recs["train"] = run_train(model, inputs, spec)[0]
+            delta = choose_delta(model, recs, ks, family, args.min_enc_gap)
+            if delta is None:
+                print(f"seed {seed}: no encoder-head shift gives a mixed, well-separated selection")
+                continue
+            shift_encoder_head_(model, delta)
+        out = {name: run_eval(model, x, spec) for name, x in settings.items()}
+        train_rec, loss_dict = run_train(model, inputs, spec)
         recs = {name: o[0] for name, o in out.items()}
         recs["train"] = train_rec
-        stats = {}
-        for name, rec in recs.items():
-            s, inv = enc_scores(model, rec)
-            stats[name] = [selection_stats(s[i], inv[i], k) for i in range(s.shape[0])]
-        enc_gap = min(st["min_gap"] for per in stats.values() for st in per)
+        stats, enc_gap = {}, float("inf")
+        if two_stage:
+            for name, rec in recs.items():
+                s, inv = enc_scores(model, rec, family)
+                stats[name] = [selection_stats(s[i], inv[i], ks[name]) for i in range(len(s))]
+            enc_gap = min(st["min_gap"] for per in stats.values() for st in per)
         score_gaps = {name: final_score_gaps(model, recs[name]) for name in settings}
         min_score_gap = min(g for gs in score_gaps.values() for g in gs)
-        match_change = matching_is_stable(model, train_rec, kind)
+        match_change = matching_is_stable(model, train_rec, spec, info["weight_dict"])
         ties = quality_ties(train_rec) if kind == "align" else None
         print(
-            f"seed {seed}: delta {delta:.2f}, encoder gap {enc_gap:.2e}, final score gap "
-            f"{min_score_gap:.2e}, loss change under cost noise {match_change:.1e}"
+            f"seed {seed}: "
+            + (f"delta {delta:.2f}, encoder gap {enc_gap:.2e}, " if two_stage else "")
+            + f"final score gap {min_score_gap:.2e}, "
+            + f"loss change under cost noise {match_change:.1e}"
             + (
                 f", quality gap {ties['min_gap']:.2e} ({ties['exact_ties']} ties at the floor)"
                 if ties
@@ -1035,27 +1273,22 @@ def make_two_stage(args) -> Tuple[Dict, Dict]:
     else:
         raise RuntimeError(f"no seed in {args.seed}..{args.seed + args.max_tries - 1} passed")
 
-    # consistency of the recorded selection with what their transformer gathered
-    for name, rec in recs.items():
-        idx = torch.stack([st["topk_index"] for st in stats[name]])
-        gathered = torch.gather(
-            rec["output_memory"], 1, idx[..., None].expand(-1, -1, rec["output_memory"].shape[-1])
-        )
-        assert torch.equal(gathered, rec["enc_state"]), name
+    if two_stage:
+        check_selection(model, recs, stats)
     # the batched input tensor is the zero-padded stack of the single ones
     b = recs["batched"]["images_tensor"]
     for i, name in enumerate(("single_0", "single_1")):
         single = recs[name]["images_tensor"][0]
         assert torch.equal(b[i, :, : single.shape[1], : single.shape[2]], single)
-
+    # their criterion alone, on the recorded inputs, reproduces the training forward's losses
+    again, _ = run_criterion(model, train_rec["criterion_outputs"], train_rec["targets"], spec)
+    for key, v in again.items():
+        assert torch.equal(v, train_rec["loss_dict_unweighted"][key]), key
     if kind == "align":
         cap_targets = cap_case_targets(train_rec["targets"])
         cap_losses, cap_rec = run_criterion(
-            model, train_rec["criterion_outputs"], cap_targets, kind
+            model, train_rec["criterion_outputs"], cap_targets, spec
         )
-    again, _ = run_criterion(model, train_rec["criterion_outputs"], train_rec["targets"], kind)
-    for key, v in again.items():  # the criterion alone reproduces the model's loss
-        assert torch.equal(v, train_rec["loss_dict_unweighted"][key]), key
 
     state_dict = {k: v.detach().clone() for k, v in model.state_dict().items()}
     _share_aliases(state_dict, model)
@@ -1074,35 +1307,49 @@ def make_two_stage(args) -> Tuple[Dict, Dict]:
         arch_out.update(
             {
                 "loss_type": "focal",
-                "match_k": [1] * (arch["dec_layers"] + 1),
+                "match_k": [1] * (arch["dec_layers"] + (1 if two_stage else 0)),
                 "focal_alpha": info["alpha"],
                 "focal_gamma": info["gamma"],
             }
         )
+    base_keys = ("loss_class", "loss_bbox", "loss_giou")
     arch_out.update(
         {
             "matcher": info["matcher"],
-            "weight_dict_base": {
-                k: info["weight_dict"][k] for k in ("loss_class", "loss_bbox", "loss_giou")
-            },
-            "dn": {
-                "enabled": False,
-                "official_dn_number": info["official_dn_number"],
-                "official_label_noise_ratio": info["official_label_noise_ratio"],
-                "official_box_noise_scale": info["official_box_noise_scale"],
-                "label_enc_rows": arch["num_classes"],
-            },
-            "two_stage_select": k,
-            "inverse_sigmoid_eps": 1e-3,
-            "look_forward_twice": True,
-            "learnt_init_query": True,
+            "weight_dict_base": {k: info["weight_dict"][k] for k in base_keys},
             "prior_init": info["prior_init"],
             "pos_embed": info["pos_embed"],
-            "neck": info["neck"],
             "size_divisibility": 0,
+            "inverse_sigmoid_eps": 1e-3,
             "inference_mask": "all zeros (no padding mask at inference)",
         }
     )
+    if family == "dino":
+        arch_out.update(
+            {
+                "dn": {
+                    "enabled": False,
+                    "official_dn_number": info["official_dn_number"],
+                    "official_label_noise_ratio": info["official_label_noise_ratio"],
+                    "official_box_noise_scale": info["official_box_noise_scale"],
+                    "label_enc_rows": arch["num_classes"],
+                },
+                "two_stage_select": arch["num_queries"],
+                "two_stage_score": "max over classes",
+                "look_forward_twice": True,
+                "learnt_init_query": True,
+                "neck": info["neck"],
+            }
+        )
+    elif family == "hdetr":
+        arch_out.update(
+            {
+                "two_stage_select": {"train": ks["train"], "eval": arch["num_queries"]},
+                "two_stage_score": "logit of class 0",
+                "look_forward_twice": True,
+                "neck": info["neck"],
+            }
+        )
     fixture = {
         "format_version": FORMAT_VERSION,
         "model": args.model,
@@ -1119,7 +1366,7 @@ def make_two_stage(args) -> Tuple[Dict, Dict]:
             "official_settings": {
                 k: v for k, v in info.items() if k.startswith("official_") or k == "weight_dict"
             },
-            "patches": args.patches,
+            "patches": args.patches | {k: v for k, v in info.items() if k.startswith("patched_")},
             "torch": str(torch.__version__),
             "seed": seed,
             "encoder_head_shift": delta,
@@ -1128,27 +1375,14 @@ def make_two_stage(args) -> Tuple[Dict, Dict]:
         "checkpoint": {"model": state_dict},
         "inputs": {
             "batched_inputs": inputs,
-            "images_normalized": [recs[n]["images_tensor"][0] for n in ("single_0", "single_1")],
+            "images_normalized": (
+                [recs[n]["images_tensor"][0] for n in ("single_0", "single_1")]
+                if spec.get("store_normalized_inputs")
+                else None  # same preprocessing as golden_aligndetr.pt, which stores them
+            ),
             "data": "DeepForest 2.1.0 sample data (NEON imagery, DeepForest crown boxes)",
         },
-        "inference": {
-            name: [
-                {
-                    # their inference(): top-k over (query, class), boxes xyxy in input pixels
-                    "topk": out[name][0]["topk"][i],
-                    # after detector_postprocess: scaled to height/width, clipped, empty removed
-                    "instances": out[name][1][i],
-                    # per query, for an order-robust comparison: every decoder layer's logits
-                    # (L, Q, C) and sigmoid cxcywh boxes (L, Q, 4), and the encoder's top-k
-                    "layer_logits": recs[name]["layer_logits"][:, i],
-                    "layer_boxes": recs[name]["layer_boxes"][:, i],
-                    "enc_logits": enc_logits(model, recs[name])[i],
-                    "enc_boxes": recs[name]["enc_reference"][i],
-                }
-                for i in range(len(settings[name]))
-            ]
-            for name in settings
-        },
+        "inference": {},
         "train": {
             "loss_dict": loss_dict,
             "loss_dict_unweighted": train_rec["loss_dict_unweighted"],
@@ -1156,11 +1390,38 @@ def make_two_stage(args) -> Tuple[Dict, Dict]:
             "weight_dict": info["weight_dict"],
             "num_boxes": sum(len(x["instances"]["gt_classes"]) for x in inputs),
             # what their model passes to its criterion: targets normalised cxcywh, outputs of
-            # the last layer, aux_outputs (decoder layers 1..L-1), enc_outputs (the top-k)
+            # the last layer, aux_outputs (the other decoder layers), enc_outputs (two-stage)
             "targets": train_rec["targets"],
             "criterion_outputs": train_rec["criterion_outputs"],
+            "matcher_indices": train_rec["matcher"],
         },
-        "selection": {
+        "checks": {
+            "min_final_score_gap": min_score_gap,
+            "final_score_gaps": score_gaps,
+            "loss_change_under_cost_noise_1e-5": match_change,
+        },
+    }
+    for name in settings:
+        per_image = []
+        for i in range(len(settings[name])):
+            entry = {
+                # their inference(): top-k over (query, class), boxes xyxy in input pixels
+                "topk": out[name][0]["topk"][i],
+                # after detector_postprocess: scaled to height/width, clipped, empty removed
+                "instances": out[name][1][i],
+                # per query, for an order-robust comparison: every decoder layer's logits
+                # (L, Q, C) and sigmoid cxcywh boxes (L, Q, 4)
+                "layer_logits": recs[name]["layer_logits"][:, i],
+                "layer_boxes": recs[name]["layer_boxes"][:, i],
+            }
+            if two_stage:
+                entry.update({k: v[i] for k, v in enc_outputs(model, recs[name], family).items()})
+            else:  # Conditional DETR: the reference points of the queries
+                entry["reference"] = recs[name]["reference"][i]
+            per_image.append(entry)
+        fixture["inference"][name] = per_image
+    if two_stage:
+        fixture["selection"] = {
             name: [
                 {
                     "topk_index": st["topk_index"],
@@ -1171,17 +1432,11 @@ def make_two_stage(args) -> Tuple[Dict, Dict]:
                 for st in per
             ]
             for name, per in stats.items()
-        },
-        "checks": {
-            "min_encoder_score_gap": enc_gap,
-            "encoder_boundary_gaps": {
-                name: [st["boundary_gap"] for st in per] for name, per in stats.items()
-            },
-            "min_final_score_gap": min_score_gap,
-            "final_score_gaps": score_gaps,
-            "loss_change_under_cost_noise_1e-5": match_change,
-        },
-    }
+        }
+        fixture["checks"]["min_encoder_score_gap"] = enc_gap
+        fixture["checks"]["encoder_boundary_gaps"] = {
+            name: [st["boundary_gap"] for st in per] for name, per in stats.items()
+        }
     if kind == "align":
         fixture["train"]["k_used"] = matched_per_gt(train_rec["get_loss"])
         fixture["train"]["cap_case"] = {
@@ -1193,8 +1448,6 @@ def make_two_stage(args) -> Tuple[Dict, Dict]:
         # positives of one GT: smallest non-zero quality gap, exact ties (IoU 0 for both: t at
         # its 0.01 floor), which their stable CPU sorts rank by increasing query index
         fixture["checks"]["quality_within_gt"] = ties
-    else:
-        fixture["train"]["matcher_indices"] = train_rec["matcher"]
     debug = {
         "arch": arch_out,
         "info": info,
@@ -1277,7 +1530,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.seed is None:
         args.seed = MODELS[args.model].get("seed", 0)
     args.patches = setup_official_imports(args.official_src, args.detrex_src)
-    fixture, debug = make_two_stage(args)
+    fixture, debug = make_fixture(args)
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     state_dict = fixture.pop("checkpoint")
