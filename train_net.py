@@ -30,7 +30,7 @@ from detectron2.utils import comm
 import align_detr.modeling  # noqa: F401  (registers the model, backbones and bases)
 from align_detr.config import ConfigError, load_config
 from align_detr.data import register_trees
-from align_detr.engine import Trainer
+from align_detr.engine import CheckpointLoadError, Trainer, check_weights_file
 
 # Where detectron2's builtin datasets (coco_2017_train, ...) look for their files.
 _BUILTIN_ROOT = os.path.abspath(os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")))
@@ -73,9 +73,10 @@ def check_inputs(cfg, eval_only: bool = False, resume: bool = False) -> None:
 
     Checks that every dataset the run will read is registered and its files exist
     (``DATASETS.TEST``, plus ``DATASETS.TRAIN`` when training, since training ends with an
-    evaluation), that a local ``MODEL.WEIGHTS`` file exists when it will be loaded, and that a
-    CUDA ``MODEL.DEVICE`` has a GPU. URLs (``detectron2://``, ``https://``) are left to the
-    checkpointer.
+    evaluation), that a local ``MODEL.WEIGHTS`` file exists when it will be loaded and fits the
+    model by the checkpointer's rules (official / detrex checkpoints are recognised; with
+    ``--eval-only`` every weight must load), and that a CUDA ``MODEL.DEVICE`` has a GPU. URLs
+    (``detectron2://``, ``https://``) are left to the checkpointer.
 
     Args:
         cfg (CfgNode): the run's config.
@@ -83,7 +84,8 @@ def check_inputs(cfg, eval_only: bool = False, resume: bool = False) -> None:
         resume (bool): ``--resume``; with a checkpoint in ``OUTPUT_DIR`` the weights are unused.
 
     Raises:
-        FileNotFoundError: listing every problem found.
+        CheckpointLoadError: the weights file does not fit the model.
+        FileNotFoundError: listing every other problem found.
     """
     datasets = [("DATASETS.TEST", name) for name in cfg.DATASETS.TEST]
     if not eval_only:
@@ -97,11 +99,16 @@ def check_inputs(cfg, eval_only: bool = False, resume: bool = False) -> None:
 
     weights = cfg.MODEL.WEIGHTS
     resuming = resume and os.path.exists(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
-    if weights and "://" not in weights and not resuming and not os.path.isfile(weights):
-        problems.append(
-            f"MODEL.WEIGHTS file not found: {os.path.abspath(weights)}. Point MODEL.WEIGHTS to an "
-            'existing checkpoint, or set it to "" to start from random initialisation.'
-        )
+    if weights and "://" not in weights and not resuming:
+        if not os.path.isfile(weights):
+            problems.append(
+                f"MODEL.WEIGHTS file not found: {os.path.abspath(weights)}. Point MODEL.WEIGHTS "
+                'to an existing checkpoint, or set it to "" to start from random initialisation.'
+            )
+        else:
+            # The loading rules, on a model without memory: a wrong file fails here, early
+            # (CheckpointLoadError), before the datasets are reported.
+            print("MODEL.WEIGHTS " + check_weights_file(cfg, weights, require_all=eval_only))
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         problems.append(
             f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but PyTorch sees no CUDA device; "
@@ -153,7 +160,7 @@ def invoke_main() -> None:
         register_trees()
         cfg = load_config(args.config_file, args.opts)
         check_inputs(cfg, eval_only=args.eval_only, resume=args.resume)
-    except (FileNotFoundError, ConfigError) as e:
+    except (FileNotFoundError, ConfigError, CheckpointLoadError) as e:
         sys.exit(str(e))
     launch(
         main,

@@ -52,6 +52,13 @@ def add_align_detr_config(cfg):
     c.NUM_QUERIES = 900
     # Detections kept per image at inference: top-k over (query x class) sigmoid scores.
     c.NUM_SELECT = 300
+    # Two-stage selection: "all" picks the top-K over every encoder token, as the released DINO /
+    # Align-DETR code (a padding or off-image token, if picked, gets the reference box (1,1,1,1));
+    # "valid" never picks those tokens while K others exist.
+    c.TWO_STAGE_SELECTION = "all"
+    # Mask the padding of batched images at inference. The released code does not (its outputs
+    # for an image then depend on the other images of the batch); at batch size 1 both agree.
+    c.TEST_PADDING_MASK = True
 
     c.ENCODER = CN()
     c.ENCODER.NUM_LAYERS = 6
@@ -120,7 +127,8 @@ def add_align_detr_config(cfg):
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
     # Weight decay of embeddings (nn.Embedding, *embed* parameters); norms use WEIGHT_DECAY_NORM.
-    cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
+    # The released DINO / Align-DETR recipe decays everything but norms: 1e-4, as WEIGHT_DECAY.
+    cfg.SOLVER.WEIGHT_DECAY_EMBED = 1e-4
 
     # DETR data pipeline: short sides of the resize before the random crop, in the crop branch
     # (detectron2's INPUT.CROP.* keys configure the crop itself).
@@ -205,6 +213,10 @@ def validate_config(cfg) -> None:
     )
     need(c.D_MODEL % 2 == 0, f"D_MODEL must be even (sine position encoding), got {c.D_MODEL}")
     need(c.NUM_QUERIES >= 1 and c.NUM_SELECT >= 1, "NUM_QUERIES and NUM_SELECT must be >= 1")
+    need(
+        c.TWO_STAGE_SELECTION in ("all", "valid"),
+        f'TWO_STAGE_SELECTION must be "all" or "valid", got {c.TWO_STAGE_SELECTION!r}',
+    )
     need(len(c.IN_FEATURES) >= 1, "IN_FEATURES must name at least one backbone feature")
     need(
         c.NUM_FEATURE_LEVELS >= len(c.IN_FEATURES),

@@ -56,8 +56,17 @@ def _hyperparams(optimizer):
     }
 
 
+def test_embeddings_are_decayed_by_default_as_in_the_released_recipe():
+    cfg, model = _cfg(), ToyDetr()
+    hp = _hyperparams(Trainer.build_optimizer(cfg, model))
+    for p in (model.level_embed, model.tgt_embed.weight, model.class_embed.weight):
+        assert hp[id(p)] == pytest.approx((1e-4, 1e-4))
+    assert hp[id(model.norm.bias)] == pytest.approx((1e-4, 0.0))
+
+
 def test_optimizer_param_groups():
     cfg, model = _cfg(), ToyDetr()
+    cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
     optimizer = Trainer.build_optimizer(cfg, model)
     assert isinstance(optimizer, torch.optim.AdamW)
     hp = _hyperparams(optimizer)

@@ -3,15 +3,23 @@
 
 import os
 import pickle
+import warnings
 import zipfile
 from typing import Dict, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from ..formats import FORMATS, to_ours
 from .d2_compat import clear_parsed_url
 
-__all__ = ["AtomicCheckpointer", "CheckpointLoadError", "atomic_write", "load_checkpoint"]
+__all__ = [
+    "AtomicCheckpointer",
+    "CheckpointLoadError",
+    "atomic_write",
+    "check_weights_file",
+    "load_checkpoint",
+]
 
 
 class CheckpointLoadError(RuntimeError):
@@ -41,12 +49,36 @@ def atomic_write(path: str, write, mode: str = "wb") -> None:
         pass
 
 
-class AtomicCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` whose ``save`` and ``last_checkpoint`` writes are atomic.
+# Keys that only a detection checkpoint (not an ImageNet backbone file) holds, in our names.
+_DETECTION_PREFIXES = ("neck.", "transformer.", "heads.")
+# Weights whose shape depends on the number of classes.
+_CLASS_COUNT_PREFIXES = ("heads.class_heads.", "transformer.denoising.label_embed.")
 
-    A process killed during a save leaves the previous checkpoint and ``last_checkpoint``
-    intact. Loading a truncated or foreign file raises :class:`CheckpointLoadError` naming it.
+
+class AtomicCheckpointer(DetectionCheckpointer):
+    """The checkpointer of every weights file this project reads or writes.
+
+    ``save`` and ``last_checkpoint`` writes are atomic: a process killed during a save leaves
+    the previous checkpoint and ``last_checkpoint`` intact. Loading:
+
+    - a checkpoint of another implementation (:mod:`align_detr.formats`: detrex DINO, the
+      official Align-DETR) is converted to our names in memory, with one log line;
+    - an ImageNet backbone file is an initialisation: whatever it lacks stays as built;
+    - a detection checkpoint must load every weight of the model, except class heads and the
+      denoising label embedding of another class count (left at their initialisation, with a
+      warning: fine-tuning on other classes); anything else missing raises
+      :class:`CheckpointLoadError` naming the first missing weights and the format;
+    - with ``require_all`` (``--eval-only``, the demo) every weight must load;
+    - a truncated or foreign file raises :class:`CheckpointLoadError` naming it.
+
+    Args:
+        require_all: refuse a checkpoint that leaves any weight of the model unloaded.
+        Other arguments: as ``DetectionCheckpointer``.
     """
+
+    def __init__(self, model, save_dir="", *, require_all: bool = False, **kwargs):
+        super().__init__(model, save_dir, **kwargs)
+        self.require_all = require_all
 
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:
@@ -104,18 +136,78 @@ class AtomicCheckpointer(DetectionCheckpointer):
         return loaded
 
     def _load_model(self, checkpoint):
-        model_keys = set(self.model.state_dict().keys())
+        """Converts another implementation's checkpoint to our names, loads it, and enforces
+        the loading rules (see the class docstring)."""
+        source = getattr(self, "_loading_file", "?")
+        state, fmt = to_ours(checkpoint["model"])
+        checkpoint["model"] = state
+        detection = fmt != "ours" or any(k.startswith(_DETECTION_PREFIXES) for k in state)
+        model_keys = set(self.model.state_dict().keys()) - {"pixel_mean", "pixel_std"}
         incompatible = super()._load_model(checkpoint)  # pops checkpoint["model"]
         bad_shapes = {k for k, _, _ in incompatible.incorrect_shapes}
-        loaded = model_keys - set(incompatible.missing_keys) - bad_shapes
-        loaded -= {"pixel_mean", "pixel_std"}  # detectron2 drops these from missing_keys
-        if model_keys and not loaded:
+        unloaded = (set(incompatible.missing_keys) | bad_shapes) & model_keys
+        if model_keys and len(unloaded) == len(model_keys):
             raise CheckpointLoadError(
-                f"Checkpoint {getattr(self, '_loading_file', '?')} holds no weight of this model "
-                f"(0 of {len(model_keys)} parameters match by name and shape): it is a checkpoint "
-                "of another model, or of a different config."
+                f"Checkpoint {source} holds no weight of this model (0 of {len(model_keys)} "
+                "parameters match by name and shape): it is a checkpoint of another model, or of "
+                "a different config."
             )
+        class_count = {k for k in unloaded & bad_shapes if k.startswith(_CLASS_COUNT_PREFIXES)}
+        other = sorted(unloaded - class_count)
+        described = FORMATS[fmt][0] if fmt in FORMATS else "this project's names"
+        if other and (detection or self.require_all):
+            raise CheckpointLoadError(
+                f"Checkpoint {source} (it looks like {described}) leaves {len(other)} "
+                f"parameter(s) of this model unloaded, e.g. {other[:5]}. It is a detection "
+                "checkpoint of another architecture or config (check MODEL.ALIGN_DETR.* against "
+                "the checkpoint's: layers, d_model, queries, levels, SD-DETR options)."
+                if detection
+                else f"Checkpoint {source} leaves {len(other)} parameter(s) of this model "
+                f"unloaded, e.g. {other[:5]}; evaluating needs every weight."
+            )
+        if class_count:
+            message = (
+                f"Checkpoint {source}: {len(class_count)} class-dependent weight(s) (class heads, "
+                "denoising label embedding) are for another number of classes than "
+                f"MODEL.ALIGN_DETR.NUM_CLASSES ({sorted(class_count)[0]}, ...)"
+            )
+            if self.require_all:
+                raise CheckpointLoadError(message + "; evaluating needs every weight.")
+            self.logger.warning(message + ": left at their initialisation (fine-tuning).")
+        self.last_load_report = (
+            f"{source}: {described}"
+            + (", converted to this project's names in memory" if fmt != "ours" else "")
+            + f"; {len(model_keys) - len(unloaded)} of {len(model_keys)} weights of the model "
+            + ("loaded, nothing is missing." if not unloaded else "loaded.")
+        )
+        self.logger.info(self.last_load_report)
         return incompatible
+
+
+def check_weights_file(cfg, path: str, require_all: bool) -> str:
+    """Applies the loading rules of :class:`AtomicCheckpointer` to a weights file without
+    building the model's weights (the model is built on the "meta" device: no memory, no
+    compute), so a wrong file fails before anything heavy starts.
+
+    Returns:
+        one line saying what the file is and how much of the model it loads.
+
+    Raises:
+        CheckpointLoadError: as loading it for real would.
+    """
+    from detectron2.modeling import build_model
+
+    meta_cfg = cfg.clone()
+    meta_cfg.defrost()
+    meta_cfg.MODEL.DEVICE = "meta"
+    meta_cfg.MODEL.WEIGHTS = ""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "copying ... to a meta parameter is a no-op"
+        with torch.device("meta"):
+            model = build_model(meta_cfg)
+        checkpointer = AtomicCheckpointer(model, require_all=require_all)
+        checkpointer.load(path)
+    return checkpointer.last_load_report
 
 
 def load_checkpoint(

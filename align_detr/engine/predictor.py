@@ -1,8 +1,10 @@
 # Copyright (c) align-detr contributors.
 """Single-image inference and drawing, for ``demo/demo.py`` and the quickstart report.
 
-:class:`Predictor` is detectron2's ``DefaultPredictor`` (test-time resize, input format, weights
-loading) with checks that fail with a plain message, plus a confidence threshold;
+:class:`Predictor` does what detectron2's ``DefaultPredictor`` does (test-time resize, input
+format, weights loading), loading weights with this project's checkpointer (other
+implementations' checkpoints are converted; every weight must load), with checks that fail with
+a plain message, plus a confidence threshold;
 :func:`draw_predictions` draws boxes, class names and scores with detectron2's ``Visualizer``.
 """
 
@@ -12,9 +14,12 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.engine import DefaultPredictor
+from detectron2.data import transforms as T
+from detectron2.modeling import build_model
 from detectron2.structures import Instances
 from detectron2.utils.visualizer import ColorMode, Visualizer
+
+from .checkpoint import AtomicCheckpointer
 
 __all__ = ["Predictor", "dataset_metadata", "draw_predictions"]
 
@@ -66,11 +71,22 @@ class Predictor:
         self.cfg = cfg
         self.confidence_threshold = confidence_threshold
         self.metadata = dataset_metadata(cfg)
-        self._predictor = DefaultPredictor(cfg)
+        self.model = build_model(cfg).eval()
+        AtomicCheckpointer(self.model, require_all=True).load(weights)
+        self.resize = T.ResizeShortestEdge(
+            [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
+        )
+        self.input_format = cfg.INPUT.FORMAT
 
+    @torch.no_grad()
     def __call__(self, image_bgr: np.ndarray) -> Instances:
         """Returns the detections (on the CPU) with score >= the threshold, in image pixels."""
-        instances = self._predictor(image_bgr)["instances"].to("cpu")
+        image = image_bgr[:, :, ::-1] if self.input_format == "RGB" else image_bgr
+        height, width = image.shape[:2]
+        resized = self.resize.get_transform(image).apply_image(image)
+        tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
+        inputs = {"image": tensor.to(self.model.device), "height": height, "width": width}
+        instances = self.model([inputs])[0]["instances"].to("cpu")
         return instances[instances.scores >= self.confidence_threshold]
 
 

@@ -123,7 +123,7 @@ class Trainer(DefaultTrainer):
         """Loads the weights ``--eval-only`` evaluates into ``model``: OUTPUT_DIR's last
         checkpoint with ``resume``, else ``MODEL.WEIGHTS``; with ``MODEL.ALIGN_DETR.EMA.ENABLED``
         the checkpoint's EMA weights, as training's evaluations use them."""
-        checkpointer = AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        checkpointer = AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR, require_all=True)
         ema = ModelEMA(model, cfg.MODEL.ALIGN_DETR.EMA.DECAY) if _ema_enabled(cfg) else None
         if ema is not None:
             checkpointer.add_checkpointable("ema", ema)

@@ -49,7 +49,12 @@ def paired_iou_and_giou(boxes1: torch.Tensor, boxes2: torch.Tensor):
     return iou, giou
 
 
-def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """logit(x) with x clamped to [0, 1] and both sides bounded away from 0 by eps."""
+def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """logit(x) with x clamped to [0, 1] and both sides bounded away from 0 by eps.
+
+    eps 1e-3 is the released DINO / Align-DETR value: a reference box at 0 or 1 (an image-wide
+    box, or a two-stage pick of an invalid token) then maps to +-6.9, and the published weights
+    were trained with that.
+    """
     x = x.clamp(min=0, max=1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))

@@ -64,6 +64,8 @@ class AlignDETR(nn.Module):
         criterion: :class:`~align_detr.losses.SetCriterion`.
         num_select: detections kept per image.
         pixel_mean, pixel_std: per-channel input normalisation.
+        test_padding_mask: mask the padding of batched images at inference (the released DINO /
+            Align-DETR code treats it as image there).
     """
 
     @configurable
@@ -79,6 +81,7 @@ class AlignDETR(nn.Module):
         num_select: int,
         pixel_mean: List[float],
         pixel_std: List[float],
+        test_padding_mask: bool = True,
     ):
         super().__init__()
         self.backbone = backbone
@@ -88,6 +91,7 @@ class AlignDETR(nn.Module):
         self.heads = heads
         self.criterion = criterion
         self.num_select = num_select
+        self.test_padding_mask = test_padding_mask
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -104,6 +108,7 @@ class AlignDETR(nn.Module):
             "num_select": cfg.MODEL.ALIGN_DETR.NUM_SELECT,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
+            "test_padding_mask": cfg.MODEL.ALIGN_DETR.TEST_PADDING_MASK,
         }
 
     @property
@@ -122,6 +127,8 @@ class AlignDETR(nn.Module):
         mask = torch.ones(n, h, w, dtype=torch.bool, device=self.device)
         for i, (ih, iw) in enumerate(images.image_sizes):
             mask[i, :ih, :iw] = False
+        if not self.training and not self.test_padding_mask:
+            mask.zero_()
         return images, mask
 
     def prepare_targets(self, batched_inputs, images):

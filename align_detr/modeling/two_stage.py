@@ -18,7 +18,13 @@ from align_detr.layers import inverse_sigmoid
 from .encoder import EncoderMemory
 from .streams import Streams
 
-__all__ = ["LearntContentQueries", "SelectedQueries", "TwoStageQuerySelector", "encoder_proposals"]
+__all__ = [
+    "SELECTION_MODES",
+    "LearntContentQueries",
+    "SelectedQueries",
+    "TwoStageQuerySelector",
+    "encoder_proposals",
+]
 
 
 def encoder_proposals(
@@ -86,7 +92,7 @@ class LearntContentQueries(nn.Module):
     def __init__(self, num_queries: int, d_model: int):
         super().__init__()
         self.embed = nn.Embedding(num_queries, d_model)
-        nn.init.normal_(self.embed.weight)
+        nn.init.xavier_uniform_(self.embed.weight)  # as the released DINO / Align-DETR code
 
     def forward(self, memory: EncoderMemory, boxes: torch.Tensor, token_features: torch.Tensor):
         """Returns one stream of (N, K, d) content queries (boxes and features are unused)."""
@@ -94,18 +100,37 @@ class LearntContentQueries(nn.Module):
         return Streams.single(self.embed.weight[None, :k].expand(n, -1, -1))
 
 
+#: Which encoder tokens two-stage selection may pick.
+SELECTION_MODES = ("all", "valid")
+
+
 class TwoStageQuerySelector(nn.Module):
     """Scores every encoder token with the encoder heads and keeps the top K.
+
+    Invalid tokens (padding, or a proposal box not inside (0.01, 0.99)) have their features
+    zeroed before the heads, so they all share one score. ``selection`` says what happens to them:
+
+    - ``"all"`` (the released DINO / Align-DETR code): the top-K runs over every token; an
+      invalid token's proposal is at infinity, so if it is picked its reference box is
+      (1, 1, 1, 1). Published checkpoints reproduce their outputs only this way.
+    - ``"valid"``: invalid tokens are never picked while K valid ones exist.
 
     Args:
         d_model: d.
         num_queries: K (at most S are kept).
         content: module ``(memory, boxes (N, K, 4), token_features (N, K, d)) -> Streams``
             giving the content queries of the selected boxes.
+        selection: "all" or "valid".
     """
 
-    def __init__(self, d_model: int, num_queries: int, content: nn.Module):
+    def __init__(self, d_model: int, num_queries: int, content: nn.Module, selection="all"):
         super().__init__()
+        if selection not in SELECTION_MODES:
+            raise ValueError(
+                f"TwoStageQuerySelector: selection must be one of {SELECTION_MODES}, got "
+                f"{selection!r}"
+            )
+        self.selection = selection
         self.num_queries = num_queries
         self.enc_output = nn.Linear(d_model, d_model)
         self.enc_output_norm = nn.LayerNorm(d_model)
@@ -118,10 +143,13 @@ class TwoStageQuerySelector(nn.Module):
         output_memory = memory.masked_fill(~valid[..., None], 0.0)
         output_memory = self.enc_output_norm(self.enc_output(output_memory))
         logits = class_head(output_memory)  # (N, S, C)
+        scores = logits.max(-1)[0]
+        if self.selection == "all":
+            proposals = proposals.masked_fill(~valid[..., None], float("inf"))
+        else:
+            scores = scores.masked_fill(~valid, -1e4)
         coords_unact = box_head(output_memory) + proposals  # (N, S, 4)
         k = min(self.num_queries, memory.shape[1])
-        # invalid tokens (padding, proposals off the image) are never selected when avoidable
-        scores = logits.max(-1)[0].masked_fill(~valid, -1e4)
         topk_index = scores.topk(k, dim=1)[1]  # (N, K)
 
         def gather(t):

@@ -157,7 +157,7 @@ class DINO(DetrBase):
             )
         transformer = DINOTransformer(
             encoder,
-            TwoStageQuerySelector(d, c.NUM_QUERIES, content),
+            TwoStageQuerySelector(d, c.NUM_QUERIES, content, c.TWO_STAGE_SELECTION),
             DeformableDecoder(_decoder_layers(cfg), d),
             denoising,
         )
