@@ -1,5 +1,6 @@
 """tools/prepare_trees.py on a small synthetic VOC folder written here: tiling, clipping,
-sliver rule, unique ids, label mapping, idempotence; and the trees_* dataset registration."""
+sliver rule, unique ids, label mapping, idempotence, the held-out-region split (no training tile
+overlaps a held-out region); and the trees_* dataset registration."""
 
 import json
 import os
@@ -72,15 +73,16 @@ def test_tile_origins_and_clip_box():
 
 
 def test_prepare_tiles_clips_and_drops(voc, tmp_path):
+    # The cross-site protocol: whole training images tiled, whole test images.
     out = tmp_path / "trees"
     jsons = pt.prepare(str(voc), str(out), ["big"], ["held"], tile=200)
-    train, val = load(jsons["train"]), load(jsons["val"])
+    train, val = load(jsons["xsite_train"]), load(jsons["xsite_val"])
     assert train["categories"] == [{"id": 1, "name": "tree", "supercategory": "plant"}]
     files = {im["id"]: im["file_name"] for im in train["images"]}
     assert sorted(files.values()) == ["big_0_0.png", "big_200_0.png"]
     for im in train["images"]:
         assert (im["width"], im["height"]) == (200, 200)
-        assert Image.open(out / "train" / im["file_name"]).size == (200, 200)
+        assert Image.open(out / "xsite_train" / im["file_name"]).size == (200, 200)
     boxes = {}
     for a in train["annotations"]:
         boxes.setdefault(files[a["image_id"]], []).append(a["bbox"])
@@ -107,26 +109,73 @@ def test_prepare_is_idempotent(voc, tmp_path, capsys):
     assert "already prepared" in capsys.readouterr().out
     # Other options rebuild.
     pt.prepare(str(voc), str(out), ["big"], ["held"], tile=200, min_visible=0.1)
-    assert len(load(jsons["train"])["annotations"]) == 4
+    assert len(load(jsons["xsite_train"])["annotations"]) == 4
+
+
+def _overlap(a, b):
+    return min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
+
+
+def test_held_out_regions_never_overlap_training_tiles(voc, tmp_path):
+    out = tmp_path / "trees"
+    jsons = pt.prepare(str(voc), str(out), ["big"], ["held"], tile=200, holdout=0.3)
+    train, val = load(jsons["train"]), load(jsons["val"])
+    # Every image contributes to both parts; "big" is 400 wide: split at x = 280.
+    assert {im["source"] for im in train["images"]} == {"big", "held"}
+    assert {im["source"] for im in val["images"]} <= {"big", "held"}
+    held_out = {}
+    for im in val["images"]:
+        held_out.setdefault(im["source"], []).append(im["window"])
+        assert (
+            im["window"][0] >= pt.region_of(400 if im["source"] == "big" else 100, "right", 0.3)[0]
+        )
+    for windows in held_out.values():  # test tiles are adjacent: each crown is scored once
+        assert not any(_overlap(a, b) for i, a in enumerate(windows) for b in windows[i + 1 :])
+    for im in train["images"]:
+        x0, y0, x1, y1 = im["window"]
+        assert (im["width"], im["height"]) == (x1 - x0, y1 - y0)
+        for window in held_out.get(im["source"], []):
+            assert not _overlap(im["window"], window), (im, window)
+    big_train = [im["window"] for im in train["images"] if im["source"] == "big"]
+    assert max(w[2] for w in big_train) == 280 and min(w[0] for w in big_train) == 0
+    # Left part 0..280 in tiles (0, 0, 200, 200) and (80, 0, 280, 200): the crown at x 180..240
+    # is a sliver in the first (1/3 visible) and whole in the second, at x 100..160 there.
+    files = {im["id"]: im for im in train["images"]}
+    second = [
+        a["bbox"]
+        for a in train["annotations"]
+        if files[a["image_id"]]["window"] == [80, 0, 280, 200]
+    ]
+    assert [100, 20, 60, 60] in second
+    # The images' pixels: a held-out tile is the crop of its window.
+    src = np.asarray(Image.open(voc / "big.png"))
+    for im in val["images"]:
+        if im["source"] == "big":
+            x0, y0, x1, y1 = im["window"]
+            crop = np.asarray(Image.open(out / "val" / im["file_name"]))
+            assert np.array_equal(crop, src[y0:y1, x0:x1])
+    with pytest.raises(ValueError, match="holdout"):
+        pt.prepare(str(voc), str(out), ["big"], ["held"], holdout=1.0)
 
 
 def test_register_trees(voc, tmp_path):
     from align_detr.data.datasets import register_trees
 
     pt.prepare(str(voc), str(tmp_path / "trees"), ["big"], ["held"], tile=200)
+    names = ["trees_train", "trees_val", "trees_xsite_train", "trees_xsite_val"]
     saved = {}
-    for name in ("trees_train", "trees_val"):  # the repo's own data may be registered already
+    for name in names:  # the repo's own data may be registered already
         if name in DatasetCatalog.list():
             saved[name] = (DatasetCatalog[name], MetadataCatalog.get(name).as_dict())
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
     try:
-        assert register_trees(str(tmp_path)) == ["trees_train", "trees_val"]
-        assert len(DatasetCatalog.get("trees_train")) == 2
+        assert register_trees(str(tmp_path)) == names
+        assert len(DatasetCatalog.get("trees_xsite_train")) == 2
         assert MetadataCatalog.get("trees_val").thing_classes == ["tree"]
         assert register_trees(str(tmp_path)) == []  # already there
     finally:
-        for name in ("trees_train", "trees_val"):
+        for name in names:
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
         for name, (func, meta) in saved.items():

@@ -7,17 +7,30 @@ DeepForest authors (Weinstein et al.), shipped in the ``deepforest`` PyPI packag
 (``deepforest/data/``, VOC XML + PNG). Only those data files are read: ``deepforest`` itself is
 never imported (it needs heavy dependencies), so it is installed with ``pip install --no-deps``.
 
-Output under ``--out`` (default ``$ALIGN_DETR_DATASETS/trees`` or ``./datasets/trees``)::
+Two protocols, each a train and a test split, all under ``--out`` (default
+``$ALIGN_DETR_DATASETS/trees`` or ``./datasets/trees``), one category ("tree")::
 
-    train/*.png            400x400 tiles of the two large YELL crops
-    val/*.png              OSBS_029.png and SOAP_061.png, held out
-    annotations/trees_train.json, annotations/trees_val.json   (one category: "tree")
+    train/, annotations/trees_train.json   tiles of the left part of every annotated image
+    val/,   annotations/trees_val.json     tiles of the right ``--holdout`` part of each image
+    xsite_train/, annotations/trees_xsite_train.json   tiles of the two YELL crops (whole)
+    xsite_val/,   annotations/trees_xsite_val.json     OSBS_029 and SOAP_061, whole
 
-Tiling: tiles of ``--tile`` px whose origins are spread evenly so the tiles cover the whole image
-(neighbours overlap a little when the size is not a multiple of the tile). A box is clipped to
-the tile and kept when the clipped part keeps at least ``--min-visible`` of its area and is at
-least ``--min-side`` px wide and high; otherwise it is a sliver and dropped. Tiles left without a
-box are not written. Re-running with the same options is a no-op (``--force`` rebuilds).
+* **Held-out regions** (``trees_train`` / ``trees_val``), what a user does with their own
+  imagery: annotate part of it, find the rest. Each of the four images (two NEON YELL crops,
+  OSBS_029, SOAP_061) is split at ``x = (1 - holdout) * width``; training tiles lie entirely
+  left of the split, test tiles entirely right of it, so no training pixel is ever tested.
+* **Cross-site** (``trees_xsite_*``): train on the YELL site only, test on two other sites
+  (Florida OSBS, California SOAP) that look nothing like it: a much harder transfer question.
+
+Tiling: tiles of at most ``--tile`` px whose origins are spread evenly so the tiles cover the
+region (neighbours overlap a little when the size is not a multiple of the tile; test tiles are
+adjacent instead, so each crown is scored once). A box is
+clipped to the tile and kept when the clipped part keeps at least ``--min-visible`` of its area
+and is at least ``--min-side`` px wide and high; otherwise it is a sliver and dropped (so a crown
+cut by the split counts on the side that holds most of it, or on neither). The cross-site test
+images are whole, every box clipped to the image. Tiles left without a box are not written.
+Each image record carries its ``source`` image and ``window`` (x0, y0, x1, y1) in it.
+Re-running with the same options is a no-op (``--force`` rebuilds).
 
 Example::
 
@@ -43,6 +56,9 @@ TRAIN_IMAGES = (
     "2019_YELL_2_541000_4977000_image_crop",
 )
 VAL_IMAGES = ("OSBS_029", "SOAP_061")
+#: Fraction of each image's width (its right part) held out for the test split.
+HOLDOUT = 0.3
+SPLITS = ("train", "val", "xsite_train", "xsite_val")
 CATEGORIES = [{"id": 1, "name": "tree", "supercategory": "plant"}]
 ATTRIBUTION = (
     "Imagery: NEON (National Ecological Observatory Network, NSF) airborne RGB orthophotos; "
@@ -130,6 +146,36 @@ def _image_path(source: str, stem: str) -> str:
     raise FileNotFoundError(f"no image for {stem!r} in {source}")
 
 
+def region_of(width: int, part: str, holdout: float) -> Tuple[int, int]:
+    """The x range [x0, x1) of an image's "left" (training) or "right" (held-out) part, or of
+    the "whole" image."""
+    split = int(round(width * (1.0 - holdout)))
+    return {"left": (0, split), "right": (split, width), "whole": (0, width)}[part]
+
+
+def tile_edges(size: int, tile: int) -> List[Tuple[int, int]]:
+    """ceil(size / tile) adjacent, non-overlapping intervals of near-equal length covering
+    [0, size)."""
+    n = max(1, math.ceil(size / tile))
+    edges = [round(i * size / n) for i in range(n + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def tile_windows(
+    x_range: Tuple[int, int], height: int, tile: int, overlap: bool = True
+) -> List[Tuple[int, ...]]:
+    """Tiles of at most ``tile`` px covering columns ``x_range`` of an image of ``height``:
+    full-size tiles that may overlap (``overlap``, for training), or adjacent ones that do not
+    (for testing: every crown is scored once)."""
+    x0, x1 = x_range
+    if overlap:
+        xs = [(x, min(x + tile, x1 - x0)) for x in tile_origins(x1 - x0, tile)]
+        ys = [(y, min(y + tile, height)) for y in tile_origins(height, tile)]
+    else:
+        xs, ys = tile_edges(x1 - x0, tile), tile_edges(height, tile)
+    return [(x0 + xa, ya, x0 + xb, yb) for ya, yb in ys for xa, xb in xs]
+
+
 def build_split(
     source: str,
     stems: Sequence[str],
@@ -138,11 +184,14 @@ def build_split(
     tile: Optional[int],
     min_visible: float,
     min_side: float,
+    part: str = "whole",
+    holdout: float = HOLDOUT,
 ) -> Dict:
     """Writes the images of one split under ``out_dir/split`` and returns its COCO dict.
 
-    With ``tile`` set, each image is cut into tiles (see module docstring); with None the
-    images are copied whole (boxes clipped to the image, nothing dropped but empty boxes).
+    With ``tile`` set, the ``part`` ("left", "right" or "whole") of each image is cut into tiles
+    (see module docstring); with None the images are copied whole (boxes clipped to the image,
+    nothing dropped but empty boxes).
     """
     os.makedirs(os.path.join(out_dir, split), exist_ok=True)
     images, annotations = [], []
@@ -152,11 +201,9 @@ def build_split(
         if img.size != (width, height):
             raise ValueError(f"{stem}: image is {img.size}, XML says {(width, height)}")
         if tile:
-            windows = [
-                (x, y, min(x + tile, width), min(y + tile, height))
-                for y in tile_origins(height, tile)
-                for x in tile_origins(width, tile)
-            ]
+            windows = tile_windows(
+                region_of(width, part, holdout), height, tile, overlap=part != "right"
+            )
         else:
             windows = [(0, 0, width, height)]
         for window in windows:
@@ -172,7 +219,14 @@ def build_split(
             crop = img.crop(window)
             crop.save(os.path.join(out_dir, split, name))
             images.append(
-                {"id": image_id, "file_name": name, "width": crop.width, "height": crop.height}
+                {
+                    "id": image_id,
+                    "file_name": name,
+                    "width": crop.width,
+                    "height": crop.height,
+                    "source": stem,
+                    "window": list(window),
+                }
             )
             for b in boxes:
                 annotations.append(_annotation(len(annotations) + 1, image_id, b))
@@ -210,18 +264,23 @@ def prepare(
     min_visible: float = 0.5,
     min_side: float = 4.0,
     force: bool = False,
+    holdout: float = HOLDOUT,
 ) -> Dict[str, str]:
-    """Builds both splits; returns {split name: json path}. Skips work already done with the
-    same options (a ``params.json`` next to the annotations records them)."""
+    """Builds the four splits; returns {split name: json path}. ``train_stems`` /
+    ``val_stems`` are the cross-site protocol's sites; the held-out-region protocol uses all of
+    them. Skips work already done with the same options (``params.json`` records them)."""
+    if not 0.0 < holdout < 1.0:
+        raise ValueError(f"holdout must be in (0, 1), got {holdout}")
     params = {
         "source_files": sorted(train_stems) + sorted(val_stems),
         "tile": tile,
         "min_visible": min_visible,
         "min_side": min_side,
-        "version": 1,
+        "holdout": holdout,
+        "version": 2,
     }
     ann_dir = os.path.join(out_dir, "annotations")
-    jsons = {s: os.path.join(ann_dir, f"trees_{s}.json") for s in ("train", "val")}
+    jsons = {s: os.path.join(ann_dir, f"trees_{s}.json") for s in SPLITS}
     params_path = os.path.join(ann_dir, "params.json")
     if not force and all(os.path.exists(p) for p in [params_path, *jsons.values()]):
         with open(params_path) as f:
@@ -229,8 +288,17 @@ def prepare(
                 print(f"{out_dir}: already prepared (use --force to rebuild)")
                 return jsons
     os.makedirs(ann_dir, exist_ok=True)
-    for split, stems, split_tile in (("train", train_stems, tile), ("val", val_stems, None)):
-        coco = build_split(source, stems, out_dir, split, split_tile, min_visible, min_side)
+    every = list(train_stems) + list(val_stems)
+    plan = (  # split, images, tile, part of each image
+        ("train", every, tile, "left"),
+        ("val", every, tile, "right"),
+        ("xsite_train", train_stems, tile, "whole"),
+        ("xsite_val", val_stems, None, "whole"),
+    )
+    for split, stems, split_tile, part in plan:
+        coco = build_split(
+            source, stems, out_dir, split, split_tile, min_visible, min_side, part, holdout
+        )
         with open(jsons[split], "w") as f:
             json.dump(coco, f)
         print(
@@ -260,6 +328,12 @@ def main(argv=None):
     parser.add_argument(
         "--min-side", type=float, default=4.0, help="least width and height (px) of a clipped box"
     )
+    parser.add_argument(
+        "--holdout",
+        type=float,
+        default=HOLDOUT,
+        help="fraction of each image's width (its right part) held out for testing",
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
     args = parser.parse_args(argv)
     source = args.source or find_deepforest_data()
@@ -271,6 +345,7 @@ def main(argv=None):
         min_visible=args.min_visible,
         min_side=args.min_side,
         force=args.force,
+        holdout=args.holdout,
     )
     print(ATTRIBUTION)
 
