@@ -10,7 +10,6 @@ from scipy.optimize import linear_sum_assignment
 from align_detr import _ext
 from align_detr.matching import (
     HungarianMatcher,
-    ManyToOneMatcher,
     assign,
     assign_flat,
     assign_scipy,
@@ -444,8 +443,8 @@ def test_matcher_caps_k_per_image_only():
     # Q = 50: the crowded image (40 GT) gets k_eff = 1; the images after it must still get k.
     gts = [40, 0, 1, 12, 3]
     logits, boxes, labels, gt_boxes = random_batch(gts, num_queries=50, seed=8)
-    out = ManyToOneMatcher(k=3)(
-        {"pred_logits": logits, "pred_boxes": boxes}, make_targets(labels, gt_boxes)
+    out = HungarianMatcher()(
+        {"pred_logits": logits, "pred_boxes": boxes}, make_targets(labels, gt_boxes), k=3
     )
     assert len(out) == len(gts)
     expected_k = [1, None, 3, 3, 3]
@@ -459,9 +458,8 @@ def test_matcher_caps_k_per_image_only():
 def test_matcher_is_optimal_per_image(k):
     gts = [0, 1, 9, 25]
     logits, boxes, labels, gt_boxes = random_batch(gts, num_queries=60, seed=9)
-    matcher = HungarianMatcher() if k == 1 else ManyToOneMatcher(k=k)
     outputs = {"pred_logits": logits, "pred_boxes": boxes}
-    out = matcher(outputs, make_targets(labels, gt_boxes))
+    out = HungarianMatcher()(outputs, make_targets(labels, gt_boxes), k=k)
     for b, (rows, cols) in enumerate(out):
         check_structure(rows, cols, 60, gts[b], k)
         if gts[b] == 0:
@@ -476,16 +474,16 @@ def test_matcher_float32_agrees_with_float64():
     gts = [5, 17, 2]
     logits, boxes, labels, gt_boxes = random_batch(gts, num_queries=80, seed=10)
     targets = make_targets(labels, gt_boxes)
-    matcher = ManyToOneMatcher(k=2)
-    out32 = matcher({"pred_logits": logits, "pred_boxes": boxes}, targets)
-    out64 = matcher({"pred_logits": logits.double(), "pred_boxes": boxes.double()}, targets)
+    matcher = HungarianMatcher()
+    out32 = matcher({"pred_logits": logits, "pred_boxes": boxes}, targets, k=2)
+    out64 = matcher({"pred_logits": logits.double(), "pred_boxes": boxes.double()}, targets, k=2)
     for b, ((r32, c32), (r64, c64)) in enumerate(zip(out32, out64)):
         ref = reference_cost(logits[b], boxes[b], labels[b], gt_boxes[b]).numpy()
         assert total_cost(ref, r32, c32) == pytest.approx(total_cost(ref, r64, c64), rel=1e-6)
         assert torch.equal(c32, c64)  # grouping is the same; random costs have no ties
 
 
-def test_matcher_no_grad_and_k_override():
+def test_matcher_no_grad_and_k_per_call():
     logits, boxes, labels, gt_boxes = random_batch([4, 2], num_queries=20, seed=11)
     logits.requires_grad_(True)
     boxes.requires_grad_(True)
@@ -498,6 +496,7 @@ def test_matcher_no_grad_and_k_override():
     assert [r.numel() for r, _ in out] == [12, 6]
     with pytest.raises(ValueError, match="targets for a batch"):
         matcher({"pred_logits": logits, "pred_boxes": boxes}, targets[:1])
-    with pytest.raises(ValueError, match="positive integer"):
-        ManyToOneMatcher(k=0)
-    assert "k=2" in repr(ManyToOneMatcher(k=2))
+    # k is an argument of each call (the model passes one per output), checked by name.
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        matcher({"pred_logits": logits, "pred_boxes": boxes}, targets, k=0)
+    assert "cost_class=1.0" in repr(matcher)

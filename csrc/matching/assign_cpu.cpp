@@ -29,17 +29,7 @@
 #include "../cpu_isa.h"
 #include "lsap.h"
 
-// assign_batch(cost, offsets, num_queries, k) -> (rows, cols, pair_offsets)
-//   cost (Q * sumG,) float32 / float64: image b's GT-major (G_b, Q) block at Q * offsets[b]
-//   (the layout of matching_cost's output); offsets (B + 1,) int64, exclusive cumsum of G_b.
-//   -> rows, cols (P,) int64: image b's pairs at [pair_offsets[b], pair_offsets[b + 1]), grouped
-//   by GT index, queries increasing within a GT; pair_offsets (B + 1,) int64. Host tensors only.
-TORCH_LIBRARY_FRAGMENT(align_detr, m) {
-  m.def(
-      "assign_batch(Tensor cost, Tensor offsets, int num_queries, int k) "
-      "-> (Tensor, Tensor, Tensor)");
-}
-
+// The schema is in assign_batch_ops.cpp.
 namespace align_detr {
 namespace {
 

@@ -348,22 +348,23 @@ void raise_non_finite(const scalar_t* logits, const acc_t* boxes, int64_t B, int
 at::Tensor matching_cost_cpu(const at::Tensor& pred_logits, const at::Tensor& pred_boxes,
                              const at::Tensor& gt_labels, const at::Tensor& gt_boxes,
                              const at::Tensor& gt_offsets, double class_weight,
-                             double bbox_weight, double giou_weight, double alpha, double gamma) {
-  const MatchingCostSizes sz =
-      check_matching_cost_inputs(pred_logits, pred_boxes, gt_labels, gt_boxes, gt_offsets);
-  const at::ScalarType acc_type = matching_cost_dtype(pred_logits, pred_boxes);
-  // Logits are read in their own dtype (fp16 / bf16 upcast per element) unless the costs are
-  // computed in float64; boxes are few and converted up front.
-  at::Tensor logits = pred_logits.contiguous();
-  if (acc_type == at::kDouble) logits = logits.to(at::kDouble);
-  const at::Tensor boxes = pred_boxes.to(acc_type).contiguous();
-  const at::Tensor gboxes = gt_boxes.to(acc_type).contiguous();
-  const at::Tensor labels = gt_labels.contiguous();
-  const at::Tensor offsets = gt_offsets.contiguous();
-  const int64_t* off = offsets.const_data_ptr<int64_t>();
+                             double bbox_weight, double giou_weight, double alpha, double gamma,
+                             bool defer_errors) {
+  const MatchingCostInputs in =
+      prepare_matching_cost(pred_logits, pred_boxes, gt_labels, gt_boxes, gt_offsets);
+  const MatchingCostSizes& sz = in.sz;
+  const at::ScalarType acc_type = in.cost_dtype;
+  const at::Tensor& logits = in.logits;
+  const at::Tensor& boxes = in.boxes;
+  const at::Tensor& gboxes = in.gt_boxes;
+  const at::Tensor& labels = in.gt_labels;
+  const int64_t* off = in.gt_offsets.const_data_ptr<int64_t>();
   check_offsets(off, sz.B, sz.sumG);
 
-  at::Tensor out = at::empty({sz.Q * sz.sumG}, pred_logits.options().dtype(acc_type));
+  // With defer_errors the last element is the (here always clear) error word.
+  const int64_t n_out = sz.Q * sz.sumG;
+  at::Tensor out_buf =
+      at::empty({n_out + (defer_errors ? 1 : 0)}, pred_logits.options().dtype(acc_type));
   const Isa isa = cpu::pick_isa();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, logits.scalar_type(), "matching_cost_cpu", [&] {
@@ -383,7 +384,8 @@ at::Tensor matching_cost_cpu(const at::Tensor& pred_logits, const at::Tensor& pr
         a.giou_weight = static_cast<acc_t>(giou_weight);
         a.alpha = static_cast<acc_t>(alpha);
         a.gamma = static_cast<acc_t>(gamma);
-        a.out = out.data_ptr<acc_t>();
+        a.out = out_buf.data_ptr<acc_t>();
+        if (defer_errors) a.out[n_out] = acc_t(0);
         a.tiles_per_image = (sz.Q + kTile - 1) / kTile;
         const std::vector<int64_t> bounds =
             split_tiles(gt, off, sz.B, sz.Q, sz.C, a.tiles_per_image);
@@ -402,7 +404,7 @@ at::Tensor matching_cost_cpu(const at::Tensor& pred_logits, const at::Tensor& pr
           raise_non_finite<scalar_t, acc_t>(a.logits, a.boxes, sz.B, sz.Q, sz.C);
         }
       });
-  return out;
+  return out_buf;
 }
 
 TORCH_LIBRARY_IMPL(align_detr, CPU, m) { m.impl("matching_cost", &matching_cost_cpu); }
