@@ -20,8 +20,8 @@ inline void check_int64(const char* op, const at::Tensor& t, const char* name) {
 // t must be on ref's device (ref_name says which argument ref is).
 inline void check_same_device(const char* op, const at::Tensor& t, const char* name,
                               const at::Tensor& ref, const char* ref_name) {
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ",
-              ref_name, " is on ", ref.device(), "; all inputs must be on one device");
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name,
+              " is on ", ref.device(), "; all inputs must be on one device");
 }
 
 // Small index tables read on the host (level tables, offsets) may live on the CPU even when

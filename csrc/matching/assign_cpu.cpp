@@ -63,9 +63,8 @@ struct QueryRows {
 
 // Solves one image's GT-major (G, Q) block; writes num_pairs(k, Q, G) pairs grouped by GT.
 template <typename T>
-ALIGN_DETR_ALWAYS_INLINE void solve_image(const T* block, int64_t Q, int64_t G, int64_t k,
-                                          Lsap& w, std::vector<T>& ct, int64_t* rows,
-                                          int64_t* cols) {
+ALIGN_DETR_ALWAYS_INLINE void solve_image(const T* block, int64_t Q, int64_t G, int64_t k, Lsap& w,
+                                          std::vector<T>& ct, int64_t* rows, int64_t* cols) {
   if (G == 0 || Q == 0) return;
   if (Q >= G) {
     const int64_t ke = effective_k(k, Q, G);
@@ -105,9 +104,9 @@ ALIGN_DETR_TARGET_AVX2 void solve_image_avx2(const T* block, int64_t Q, int64_t 
 }
 
 template <typename T>
-ALIGN_DETR_TARGET_AVX512 void solve_image_avx512(const T* block, int64_t Q, int64_t G,
-                                                 int64_t k, Lsap& w, std::vector<T>& ct,
-                                                 int64_t* rows, int64_t* cols) {
+ALIGN_DETR_TARGET_AVX512 void solve_image_avx512(const T* block, int64_t Q, int64_t G, int64_t k,
+                                                 Lsap& w, std::vector<T>& ct, int64_t* rows,
+                                                 int64_t* cols) {
   solve_image<T>(block, Q, G, k, w, ct, rows, cols);
 }
 #endif
@@ -172,8 +171,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> assign_batch_cpu(const at::Tensor
       Lsap w;
       std::vector<scalar_t> ct;
       for (int64_t b = b0; b < b1; ++b) {
-        run_image<scalar_t>(isa, data + num_queries * off[b], num_queries, off[b + 1] - off[b],
-                            k, w, ct, rp + po[b], cp + po[b]);
+        run_image<scalar_t>(isa, data + num_queries * off[b], num_queries, off[b + 1] - off[b], k,
+                            w, ct, rp + po[b], cp + po[b]);
       }
     });
   });

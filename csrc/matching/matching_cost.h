@@ -36,17 +36,15 @@ enum MatchingCostError : int {
 // Checks ranks, sizes, dtypes and devices (no data is read, so no device sync), then converts
 // and makes the inputs contiguous. Raises a c10::Error naming the offending argument.
 MatchingCostInputs prepare_matching_cost(const at::Tensor& pred_logits,
-                                         const at::Tensor& pred_boxes,
-                                         const at::Tensor& gt_labels, const at::Tensor& gt_boxes,
-                                         const at::Tensor& gt_offsets);
+                                         const at::Tensor& pred_boxes, const at::Tensor& gt_labels,
+                                         const at::Tensor& gt_boxes, const at::Tensor& gt_offsets);
 
 // Raises the error of the first bit set in `bits` (no-op for 0).
 void raise_matching_cost_error(int bits, const MatchingCostSizes& sz);
 
 at::Tensor matching_cost_cpu(const at::Tensor& pred_logits, const at::Tensor& pred_boxes,
                              const at::Tensor& gt_labels, const at::Tensor& gt_boxes,
-                             const at::Tensor& gt_offsets, double class_weight,
-                             double bbox_weight, double giou_weight, double alpha, double gamma,
-                             bool defer_errors);
+                             const at::Tensor& gt_offsets, double class_weight, double bbox_weight,
+                             double giou_weight, double alpha, double gamma, bool defer_errors);
 
 }  // namespace align_detr

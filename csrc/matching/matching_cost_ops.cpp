@@ -40,10 +40,10 @@ MatchingCostSizes check_sizes(const at::Tensor& pred_logits, const at::Tensor& p
               pred_logits.sizes());
   TORCH_CHECK(pred_boxes.dim() == 3 && pred_boxes.size(2) == 4,
               "matching_cost: pred_boxes must be (B, Q, 4), got shape ", pred_boxes.sizes());
-  TORCH_CHECK(pred_boxes.size(0) == pred_logits.size(0) &&
-                  pred_boxes.size(1) == pred_logits.size(1),
-              "matching_cost: pred_boxes ", pred_boxes.sizes(),
-              " does not match pred_logits (B, Q) = ", pred_logits.sizes().slice(0, 2));
+  TORCH_CHECK(
+      pred_boxes.size(0) == pred_logits.size(0) && pred_boxes.size(1) == pred_logits.size(1),
+      "matching_cost: pred_boxes ", pred_boxes.sizes(),
+      " does not match pred_logits (B, Q) = ", pred_logits.sizes().slice(0, 2));
   TORCH_CHECK(gt_labels.dim() == 1, "matching_cost: gt_labels must be (sumG,), got shape ",
               gt_labels.sizes());
   TORCH_CHECK(gt_boxes.dim() == 2 && gt_boxes.size(1) == 4,
@@ -77,9 +77,8 @@ MatchingCostSizes check_sizes(const at::Tensor& pred_logits, const at::Tensor& p
 }  // namespace
 
 MatchingCostInputs prepare_matching_cost(const at::Tensor& pred_logits,
-                                         const at::Tensor& pred_boxes,
-                                         const at::Tensor& gt_labels, const at::Tensor& gt_boxes,
-                                         const at::Tensor& gt_offsets) {
+                                         const at::Tensor& pred_boxes, const at::Tensor& gt_labels,
+                                         const at::Tensor& gt_boxes, const at::Tensor& gt_offsets) {
   MatchingCostInputs in;
   in.sz = check_sizes(pred_logits, pred_boxes, gt_labels, gt_boxes, gt_offsets);
   in.cost_dtype =
@@ -106,9 +105,9 @@ void raise_matching_cost_error(int bits, const MatchingCostSizes& sz) {
               "matching_cost: gt_boxes contains non-finite values (NaN or inf)");
   TORCH_CHECK(!(bits & kBadLabels), "matching_cost: gt_labels has values outside [0, C) = [0, ",
               sz.C, ")");
-  TORCH_CHECK(!(bits & kBadOffsets),
-              "matching_cost: gt_offsets must start at 0, be non-decreasing and end at sumG = ",
-              sz.sumG);
+  TORCH_CHECK(
+      !(bits & kBadOffsets),
+      "matching_cost: gt_offsets must start at 0, be non-decreasing and end at sumG = ", sz.sumG);
 }
 
 }  // namespace align_detr

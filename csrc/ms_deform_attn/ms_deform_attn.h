@@ -44,8 +44,7 @@ struct MSDeformAttnInputs {
 // inputs; a device-resident table costs one blocking copy) and checks that it describes exactly
 // S rows. grad_output is checked when given (backward). Raises a c10::Error naming the
 // offending argument.
-MSDeformAttnInputs prepare_ms_deform_attn(const at::Tensor& value,
-                                          const at::Tensor& spatial_shapes,
+MSDeformAttnInputs prepare_ms_deform_attn(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                           const at::Tensor& level_start_index,
                                           const at::Tensor& sampling_locations,
                                           const at::Tensor& attention_weights,
@@ -61,8 +60,8 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
                                       const at::Tensor& attention_weights);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
-    const at::Tensor& value, const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
-    const at::Tensor& attention_weights, const at::Tensor& grad_output, GradMask output_mask);
+    const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+    const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+    const at::Tensor& grad_output, GradMask output_mask);
 
 }  // namespace align_detr

@@ -29,12 +29,12 @@ using msda::Bilinear;
 
 template <typename scalar_t>
 struct Args {
-  const scalar_t* value;   // (N, S, M, D)
-  const int64_t* H;        // (L,) level heights
-  const int64_t* W;        // (L,) level widths
-  const int64_t* starts;   // (L,) first value row of each level
-  const scalar_t* loc;     // (N, Lq, M, L, P, 2)
-  const scalar_t* attn;    // (N, Lq, M, L, P)
+  const scalar_t* value;     // (N, S, M, D)
+  const int64_t* H;          // (L,) level heights
+  const int64_t* W;          // (L,) level widths
+  const int64_t* starts;     // (L,) first value row of each level
+  const scalar_t* loc;       // (N, Lq, M, L, P, 2)
+  const scalar_t* attn;      // (N, Lq, M, L, P)
   const scalar_t* grad_out;  // (N, Lq, M, D), backward only
   MSDeformAttnSizes sz;
   // Element strides of value (and grad_value): (N, S, M, D) as given, or (N, M, S, D) when the
@@ -133,8 +133,8 @@ ALIGN_DETR_ALWAYS_INLINE void forward_rows(const Args<scalar_t>& a, scalar_t* ou
 template <typename scalar_t, int kD>
 ALIGN_DETR_ALWAYS_INLINE void backward_tasks(const Args<scalar_t>& a,
                                              at::opmath_type<scalar_t>* grad_value,
-                                             scalar_t* grad_loc, scalar_t* grad_attn,
-                                             int64_t begin, int64_t end) {
+                                             scalar_t* grad_loc, scalar_t* grad_attn, int64_t begin,
+                                             int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const MSDeformAttnSizes& sz = a.sz;
   const int64_t D = kD != kAnyD ? kD : sz.D, M = sz.M, L = sz.L, P = sz.P, LP = L * P;
@@ -172,15 +172,15 @@ ALIGN_DETR_ALWAYS_INLINE void backward_tasks(const Args<scalar_t>& a,
           acc_t ga = 0, gx = 0, gy = 0;
 #pragma omp simd reduction(+ : ga, gx, gy)
           for (int64_t d = 0; d < D; ++d) {
-            msda::bilinear_backward<acc_t>(s, c0[d], c1[d], c2[d], c3[d],
-                                           static_cast<acc_t>(g[d]), ga, gx, gy);
+            msda::bilinear_backward<acc_t>(s, c0[d], c1[d], c2[d], c3[d], static_cast<acc_t>(g[d]),
+                                           ga, gx, gy);
           }
           if (grad_attn != nullptr) grad_attn[k] = static_cast<scalar_t>(ga);
           if (grad_loc != nullptr) {
-            grad_loc[2 * k] =
-                static_cast<scalar_t>(msda::location_gradient<acc_t>(gx, w, static_cast<int32_t>(W)));
-            grad_loc[2 * k + 1] =
-                static_cast<scalar_t>(msda::location_gradient<acc_t>(gy, w, static_cast<int32_t>(H)));
+            grad_loc[2 * k] = static_cast<scalar_t>(
+                msda::location_gradient<acc_t>(gx, w, static_cast<int32_t>(W)));
+            grad_loc[2 * k + 1] = static_cast<scalar_t>(
+                msda::location_gradient<acc_t>(gy, w, static_cast<int32_t>(H)));
           }
         }
         if (grad_base == nullptr) continue;
@@ -210,8 +210,8 @@ ALIGN_DETR_TARGET_AVX2 void forward_rows_avx2(const Args<scalar_t>& a, scalar_t*
   forward_rows<scalar_t, kD>(a, out, b, e);
 }
 template <typename scalar_t, int kD>
-ALIGN_DETR_TARGET_AVX512 void forward_rows_avx512(const Args<scalar_t>& a, scalar_t* out,
-                                                  int64_t b, int64_t e) {
+ALIGN_DETR_TARGET_AVX512 void forward_rows_avx512(const Args<scalar_t>& a, scalar_t* out, int64_t b,
+                                                  int64_t e) {
   forward_rows<scalar_t, kD>(a, out, b, e);
 }
 template <typename scalar_t, int kD>
@@ -238,8 +238,8 @@ void run_forward_d(Isa isa, const Args<scalar_t>& a, scalar_t* out, int64_t b, i
 }
 
 template <typename scalar_t, int kD>
-void run_backward_d(Isa isa, const Args<scalar_t>& a, at::opmath_type<scalar_t>* gv,
-                    scalar_t* gl, scalar_t* ga, int64_t b, int64_t e) {
+void run_backward_d(Isa isa, const Args<scalar_t>& a, at::opmath_type<scalar_t>* gv, scalar_t* gl,
+                    scalar_t* ga, int64_t b, int64_t e) {
 #ifdef ALIGN_DETR_X86_MULTIVERSION
   if (isa == Isa::kAvx512) return backward_tasks_avx512<scalar_t, kD>(a, gv, gl, ga, b, e);
   if (isa == Isa::kAvx2) return backward_tasks_avx2<scalar_t, kD>(a, gv, gl, ga, b, e);
@@ -282,7 +282,8 @@ bool use_head_major(const MSDeformAttnSizes& sz) {
 
 void check_cpu(const at::Tensor& value) {
   TORCH_CHECK(value.device().is_cpu(), "ms_deform_attn: the CPU kernel got value on ",
-              value.device(), " (spatial_shapes / level_start_index on a GPU need value there too)");
+              value.device(),
+              " (spatial_shapes / level_start_index on a GPU need value there too)");
 }
 
 // Kernel arguments of one call; vt is in.value, or its (N, M, S, D) copy when head_major.
@@ -329,9 +330,9 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
-    const at::Tensor& value, const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
-    const at::Tensor& attention_weights, const at::Tensor& grad_output, GradMask output_mask) {
+    const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+    const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+    const at::Tensor& grad_output, GradMask output_mask) {
   check_cpu(value);
   const MSDeformAttnInputs in =
       prepare_ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,

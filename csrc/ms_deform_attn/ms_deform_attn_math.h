@@ -19,10 +19,10 @@ namespace msda {
 // the host); the caller adds the level's 64-bit base.
 template <typename acc_t>
 struct Bilinear {
-  int32_t pix0;      // y0 * W + x0, the pixel of corner 0 (negative when y0 or x0 is -1)
-  uint32_t mask;     // bit c set when corner c lies inside the map (0xF: all four inside)
-  acc_t lx, ly;      // fractional offsets from (x0, y0); hx = 1 - lx, hy = 1 - ly
-  acc_t weight[4];   // bilinear weight of each corner (0 for corners outside the map)
+  int32_t pix0;     // y0 * W + x0, the pixel of corner 0 (negative when y0 or x0 is -1)
+  uint32_t mask;    // bit c set when corner c lies inside the map (0xF: all four inside)
+  acc_t lx, ly;     // fractional offsets from (x0, y0); hx = 1 - lx, hy = 1 - ly
+  acc_t weight[4];  // bilinear weight of each corner (0 for corners outside the map)
 };
 
 // Pixel of corner c (meaningful only when bit c of the mask is set).
@@ -50,8 +50,7 @@ ALIGN_DETR_HD bool bilinear_setup(acc_t loc_x, acc_t loc_y, int32_t H, int32_t W
   const acc_t x = loc_x * static_cast<acc_t>(W) - acc_t(0.5);
   const acc_t y = loc_y * static_cast<acc_t>(H) - acc_t(0.5);
   // Written so that NaN fails the test; the bounds also keep the casts below in range.
-  if (!(x > acc_t(-1) && y > acc_t(-1) && x < static_cast<acc_t>(W) &&
-        y < static_cast<acc_t>(H))) {
+  if (!(x > acc_t(-1) && y > acc_t(-1) && x < static_cast<acc_t>(W) && y < static_cast<acc_t>(H))) {
     return false;
   }
   const acc_t xf = floor_hd(x);
@@ -69,11 +68,17 @@ ALIGN_DETR_HD bool bilinear_setup(acc_t loc_x, acc_t loc_y, int32_t H, int32_t W
   return true;
 }
 
-// Interpolated value of one channel from its four corner values (0 for corners outside).
+// Weighted sum of one channel's four corner values (0 for corners outside).
+template <typename acc_t>
+ALIGN_DETR_HD acc_t interpolate(const acc_t (&w)[4], acc_t v0, acc_t v1, acc_t v2, acc_t v3) {
+  return w[0] * v0 + w[1] * v1 + w[2] * v2 + w[3] * v3;
+}
+
+// Interpolated value of one channel from its four corner values.
 template <typename acc_t>
 ALIGN_DETR_HD acc_t bilinear_value(const Bilinear<acc_t>& s, acc_t v0, acc_t v1, acc_t v2,
                                    acc_t v3) {
-  return s.weight[0] * v0 + s.weight[1] * v1 + s.weight[2] * v2 + s.weight[3] * v3;
+  return interpolate(s.weight, v0, v1, v2, v3);
 }
 
 // Folds the attention weight of a sample into its corner weights (done once per sample, so the

@@ -126,15 +126,14 @@ LevelTable read_level_table(const at::Tensor& spatial_shapes, const at::Tensor& 
 
 }  // namespace
 
-MSDeformAttnInputs prepare_ms_deform_attn(const at::Tensor& value,
-                                          const at::Tensor& spatial_shapes,
+MSDeformAttnInputs prepare_ms_deform_attn(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                           const at::Tensor& level_start_index,
                                           const at::Tensor& sampling_locations,
                                           const at::Tensor& attention_weights,
                                           const at::Tensor* grad_output) {
   MSDeformAttnInputs in;
-  in.sz = check_sizes(value, spatial_shapes, level_start_index, sampling_locations,
-                      attention_weights);
+  in.sz =
+      check_sizes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   const MSDeformAttnSizes& sz = in.sz;
   if (grad_output != nullptr) {
     const std::vector<int64_t> expect = {sz.N, sz.Lq, sz.M * sz.D};
