@@ -78,15 +78,17 @@ def _check_msda_shapes(value, spatial_shapes, level_start_index, loc, attn):
     )
     for name, t in (("sampling_locations", loc), ("attention_weights", attn)):
         torch._check(
-            t.dtype == value.dtype, lambda: f"ms_deform_attn: {name} must have value's dtype"
+            t.dtype == value.dtype,
+            lambda name=name: f"ms_deform_attn: {name} must have value's dtype",
         )
         torch._check(
-            t.device == value.device, lambda: f"ms_deform_attn: {name} must be on value's device"
+            t.device == value.device,
+            lambda name=name: f"ms_deform_attn: {name} must be on value's device",
         )
     for name, t in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
         torch._check(
             t.device.type == "cpu" or t.device == value.device,
-            lambda: f"ms_deform_attn: {name} must be on the CPU or on value's device",
+            lambda name=name: f"ms_deform_attn: {name} must be on the CPU or on value's device",
         )
 
 

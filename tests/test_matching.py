@@ -500,3 +500,42 @@ def test_matcher_no_grad_and_k_per_call():
     with pytest.raises(ValueError, match="k must be a positive integer"):
         matcher({"pred_logits": logits, "pred_boxes": boxes}, targets, k=0)
     assert "cost_class=1.0" in repr(matcher)
+
+
+def test_cost_deferred_error_word():
+    """defer_errors appends the error word: 0 on the CPU (which raises at once), and the
+    matcher's host-side check turns a set word into the CPU op's detailed message."""
+    from align_detr.matching.cost import check_error_word, matching_cost_flat
+
+    logits, boxes, labels, gt_boxes = random_batch([2, 0, 3], num_queries=9, seed=12)
+    flat, sizes = matching_cost_flat(logits, boxes, labels, gt_boxes, defer_errors=True)
+    plain, _ = matching_cost_flat(logits, boxes, labels, gt_boxes)
+    assert flat.shape == (9 * 5 + 1,) and flat[-1] == 0 and sizes == [2, 0, 3]
+    assert torch.equal(check_error_word(flat, logits, boxes, labels, gt_boxes), plain)
+    empty, _ = matching_cost_flat(logits[:0], boxes[:0], [], [], defer_errors=True)
+    assert empty.tolist() == [0.0]
+    meta = [t.to("meta") for t in (logits, boxes, torch.cat(labels), torch.cat(gt_boxes))]
+    out = torch.ops.align_detr.matching_cost(
+        *meta, torch.tensor([0, 2, 2, 5]).to("meta"), 2.0, 5.0, 2.0, 0.25, 2.0, True
+    )
+    assert out.shape == (9 * 5 + 1,)
+    # A word set on the device (here: by hand) raises with the CPU op's detailed message.
+    bad_logits = logits.clone()
+    bad_logits[2, 4, 1] = float("nan")
+    word = flat.clone()
+    word[-1] = 1.0
+    with pytest.raises(RuntimeError, match=r"pred_logits\[2, 4, 1\]"):
+        check_error_word(word, bad_logits, boxes, labels, gt_boxes)
+    with pytest.raises(RuntimeError, match="pred_logits contains non-finite"):
+        check_error_word(word, logits, boxes, labels, gt_boxes)  # word only: generic message
+
+
+def test_matcher_raises_on_non_finite_predictions():
+    logits, boxes, labels, gt_boxes = random_batch([2, 3], num_queries=9, seed=13)
+    logits[1, 2, 3] = float("inf")
+    with pytest.raises(RuntimeError, match="pred_logits"):
+        HungarianMatcher()(
+            {"pred_logits": logits, "pred_boxes": boxes}, make_targets(labels, gt_boxes), k=2
+        )
+    with pytest.raises(TypeError):
+        HungarianMatcher(k=2)  # k is a per-call argument now

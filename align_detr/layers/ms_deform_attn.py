@@ -56,7 +56,9 @@ def ms_deform_attn(
         ("attention_weights", attention_weights),
     ):
         if not t.is_floating_point():
-            raise TypeError(f"ms_deform_attn: {name} must be a floating-point tensor, got {t.dtype}")
+            raise TypeError(
+                f"ms_deform_attn: {name} must be a floating-point tensor, got {t.dtype}"
+            )
     dtype = torch.promote_types(
         value.dtype, torch.promote_types(sampling_locations.dtype, attention_weights.dtype)
     )

@@ -33,7 +33,7 @@ def effective_k(k: int, num_queries: int, num_gt: int) -> int:
 
 
 def check_k(k, caller: str = "assign") -> int:
-    """Returns ``k`` as an int; raises ValueError naming the argument unless it is an integer >= 1."""
+    """Returns ``k`` as an int; raises a ValueError naming ``k`` unless it is an integer >= 1."""
     if isinstance(k, bool) or int(k) != k or k < 1:
         raise ValueError(f"{caller}: k must be a positive integer, got {k}")
     return int(k)

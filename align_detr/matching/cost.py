@@ -200,4 +200,3 @@ def matching_cost(
         gamma,
     )
     return split_costs(flat, sizes, pred_logits.shape[1])
-
