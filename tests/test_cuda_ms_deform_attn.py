@@ -205,8 +205,10 @@ def test_level_table_on_device_or_host_gives_the_same():
     torch.testing.assert_close(
         ms_deform_attn(v, ss, starts, lc, a), ms_deform_attn(v, ss.cuda(), starts.cuda(), lc, a)
     )
-    with pytest.raises(RuntimeError, match="level table"):
+    with pytest.raises(RuntimeError, match="spatial_shapes .* must be on the CPU"):
         OPS.ms_deform_attn_forward(value, ss.cuda(), starts.cuda(), loc, attn)
+    with pytest.raises(RuntimeError, match="sampling_locations is on cuda"):
+        OPS.ms_deform_attn_forward(value, ss, starts, loc.cuda(), attn)
 
 
 def test_side_stream():

@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 
 #include "matching_cost.h"
 #include "matching_cost_math.h"
@@ -131,9 +132,14 @@ at::Tensor matching_cost_cuda(const at::Tensor& pred_logits, const at::Tensor& p
                               const at::Tensor& gt_labels, const at::Tensor& gt_boxes,
                               const at::Tensor& gt_offsets, double class_weight, double bbox_weight,
                               double giou_weight, double alpha, double gamma, bool defer_errors) {
-  const c10::cuda::CUDAGuard guard(pred_logits.device());
+  // The dispatcher picks this kernel when any input is on a GPU; the validation names the
+  // argument on the wrong device.
+  std::optional<c10::cuda::CUDAGuard> guard;
+  if (pred_logits.is_cuda()) guard.emplace(pred_logits.device());
   const MatchingCostInputs in =
       prepare_matching_cost(pred_logits, pred_boxes, gt_labels, gt_boxes, gt_offsets);
+  TORCH_CHECK(pred_logits.is_cuda(), "matching_cost: the CUDA kernel got pred_logits on ",
+              pred_logits.device());
   const MatchingCostSizes& sz = in.sz;
   const int64_t n_out = sz.Q * sz.sumG;
   at::Tensor out =

@@ -38,6 +38,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
+#include <optional>
 #include <type_traits>
 
 #include "ms_deform_attn.h"
@@ -523,10 +524,19 @@ void with_config(int vec, const Params& p, Fn&& fn) {
   return fn.template operator()<1, 1>();
 }
 
-void check_cuda(const at::Tensor& value) {
-  TORCH_CHECK(value.device().is_cuda(), "ms_deform_attn: value is on ", value.device(),
-              " but the level table is on a GPU; the level table must be on the CPU or on "
-              "value's device");
+// The validated inputs, prepared on value's device. The dispatcher picks this kernel when any
+// input is on a GPU: prepare_ms_deform_attn names the argument on the wrong device.
+MSDeformAttnInputs prepare_on_gpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                  const at::Tensor& level_start_index,
+                                  const at::Tensor& sampling_locations,
+                                  const at::Tensor& attention_weights,
+                                  const at::Tensor* grad_output) {
+  std::optional<c10::cuda::CUDAGuard> guard;
+  if (value.is_cuda()) guard.emplace(value.device());
+  MSDeformAttnInputs in = prepare_ms_deform_attn(
+      value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output);
+  TORCH_CHECK(value.is_cuda(), "ms_deform_attn: the CUDA kernel got value on ", value.device());
+  return in;
 }
 
 }  // namespace
@@ -535,10 +545,9 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor
                                        const at::Tensor& level_start_index,
                                        const at::Tensor& sampling_locations,
                                        const at::Tensor& attention_weights) {
-  check_cuda(value);
+  const MSDeformAttnInputs in = prepare_on_gpu(value, spatial_shapes, level_start_index,
+                                               sampling_locations, attention_weights, nullptr);
   const c10::cuda::CUDAGuard guard(value.device());
-  const MSDeformAttnInputs in = prepare_ms_deform_attn(
-      value, spatial_shapes, level_start_index, sampling_locations, attention_weights, nullptr);
   const MSDeformAttnSizes& sz = in.sz;
   at::Tensor out = at::empty({sz.N, sz.Lq, sz.M * sz.D}, value.options());
   if (out.numel() == 0) return out;
@@ -562,11 +571,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
     const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
     const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
     const at::Tensor& grad_output, GradMask output_mask) {
-  check_cuda(value);
+  const MSDeformAttnInputs in = prepare_on_gpu(value, spatial_shapes, level_start_index,
+                                               sampling_locations, attention_weights, &grad_output);
   const c10::cuda::CUDAGuard guard(value.device());
-  const MSDeformAttnInputs in =
-      prepare_ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
-                             attention_weights, &grad_output);
   const MSDeformAttnSizes& sz = in.sz;
   const auto [want_value, want_loc, want_attn] = output_mask;
   // grad_value is a scatter target; every element of grad_loc / grad_attn is written.
