@@ -3,6 +3,7 @@
 #   make test        setup, then the pytest suite (CPU, offline)
 #   make bench       setup, then every benchmark; writes benchmarks/RESULTS.md
 #   make cuda-check  compile the CUDA sources into a scratch directory (no GPU needed)
+#   make gpu-check   on a GPU machine: CUDA build, CUDA tests, compute-sanitizer, GPU benchmarks
 #   make quickstart  setup, tree-crown data, train Align-DETR + MobileNetV2 on CPU, evaluate, draw
 #   make ablation    setup, data, train the quickstart twice: Align loss vs focal (DINO), print APs
 #   make quickstart-baseline  detectron2's Faster R-CNN (same backbone, data, time) as a peer
@@ -13,8 +14,12 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.align-detr-deps
 CUDA_HOME ?= /usr/local/cuda
-CUDA_CHECK_ARCH ?= 8.0;9.0
+# +PTX on the newest architecture: GPUs newer than the list JIT-compile the kernels.
+CUDA_CHECK_ARCH ?= 8.0;9.0+PTX
 CUDA_CHECK_DIR ?= build-cuda-check
+# gpu-check: compute-sanitizer from PATH or the toolkit; fuzz cases per op under each tool.
+COMPUTE_SANITIZER ?= $(shell command -v compute-sanitizer 2>/dev/null || echo $(CUDA_HOME)/bin/compute-sanitizer)
+SANITIZER_CASES ?= 40
 
 # Runtime dependencies of detectron2 (installed without its own resolver, see docs/design.md)
 # and ours.
@@ -35,7 +40,7 @@ QS_BASELINE_OUT := output/quickstart_baseline
 # spinning made a training iteration up to 8x slower (16 s instead of 2 s) in our runs.
 QS_ENV := OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE}
 
-.PHONY: setup deps ext test bench cuda-check clean quickstart quickstart-baseline ablation
+.PHONY: setup deps ext test bench cuda-check gpu-check clean quickstart quickstart-baseline ablation
 
 setup: ext
 
@@ -90,6 +95,25 @@ cuda-check: $(STAMP)
 	FORCE_CUDA=1 CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST="$(CUDA_CHECK_ARCH)" \
 		$(PY) setup.py build_ext --build-temp $(CUDA_CHECK_DIR)/temp --build-lib $(CUDA_CHECK_DIR)/lib
 	@ls $(CUDA_CHECK_DIR)/lib/align_detr/_C*.so >/dev/null && echo "cuda-check: CUDA sources compiled"
+
+# On a machine with a GPU: build the extension with its CUDA kernels (for the visible GPU, plus
+# PTX), run the CUDA tests, run a few op cases under compute-sanitizer (memcheck: out-of-bounds
+# and misaligned accesses; racecheck: shared-memory races; synccheck: invalid warp
+# synchronisation) with torch's allocator cache off so every buffer is exact, then the GPU
+# benchmarks (CUDA events; ours against the reference formulations). See docs/gpu.md.
+gpu-check: $(STAMP)
+	@$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: no CUDA GPU is visible')"
+	FORCE_CUDA=1 CUDA_HOME=$(CUDA_HOME) $(PY) setup.py build_ext --inplace
+	@$(PY) -c "import sys, align_detr._ext as e; sys.exit(0 if e.has_cuda_kernels() else 'gpu-check: align_detr._C has no CUDA kernels')"
+	$(PY) -m pytest -q -rs tests/test_cuda_ms_deform_attn.py tests/test_cuda_matching.py \
+		tests/test_cuda_model.py tests/test_fuzz_ops.py
+	@test -x "$(COMPUTE_SANITIZER)" || { echo "gpu-check: compute-sanitizer not found (set COMPUTE_SANITIZER)"; exit 1; }
+	for tool in memcheck racecheck synccheck; do \
+		PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$(COMPUTE_SANITIZER)" --tool $$tool --error-exitcode 99 \
+			$(PY) tests/fuzz_ops.py --device cuda --cases $(SANITIZER_CASES) || exit 1; \
+	done
+	$(PY) benchmarks/gpu_ms_deform_attn.py
+	$(PY) benchmarks/gpu_matching.py
 
 clean:
 	rm -rf build $(CUDA_CHECK_DIR) *.egg-info align_detr/_C*.so

@@ -2,8 +2,14 @@
 
 CUDA is compiled when ``torch.cuda.is_available()`` or ``FORCE_CUDA=1`` (a GPU-less build box).
 The usual variables are honoured: ``TORCH_CUDA_ARCH_LIST`` (required without a GPU, e.g.
-"8.0;9.0"), ``CUDA_HOME`` (e.g. /usr/local/cuda), ``NVCC_FLAGS`` (extra nvcc flags, split on
+"8.0;9.0+PTX"), ``CUDA_HOME`` (e.g. /usr/local/cuda), ``NVCC_FLAGS`` (extra nvcc flags, split on
 spaces) and ``MAX_JOBS`` (ninja parallelism).
+
+PTX: when no entry of ``TORCH_CUDA_ARCH_LIST`` ends in ``+PTX``, the newest listed architecture
+gets it, so GPUs newer than the list (e.g. sm_100 / sm_120 with "8.0;9.0") JIT-compile the
+kernels instead of failing with "no kernel image is available". Set ``ALIGN_DETR_NO_PTX=1`` to
+build exactly the list. (Without the variable, torch builds for the visible GPUs and adds PTX
+for the newest one itself.)
 """
 
 import glob
@@ -23,6 +29,25 @@ def want_cuda() -> bool:
     return torch.cuda.is_available() and CUDA_HOME is not None
 
 
+def with_ptx(arch_list: str) -> str:
+    """Adds +PTX to the newest architecture of a TORCH_CUDA_ARCH_LIST value that has none."""
+    entries = [e for e in arch_list.replace(",", ";").replace(" ", ";").split(";") if e]
+    if not entries or any(e.endswith("+PTX") for e in entries):
+        return arch_list
+
+    def version(entry: str):
+        try:
+            return tuple(int(x) for x in entry.split("+")[0].split("."))
+        except ValueError:  # named architectures (e.g. "Hopper") sort first
+            return (-1,)
+
+    newest = max(range(len(entries)), key=lambda i: version(entries[i]))
+    if version(entries[newest]) == (-1,):
+        return arch_list
+    entries[newest] += "+PTX"
+    return ";".join(entries)
+
+
 def get_extension():
     sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
@@ -40,8 +65,11 @@ def get_extension():
         if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             raise RuntimeError(
                 "building CUDA kernels without a visible GPU needs TORCH_CUDA_ARCH_LIST, "
-                'e.g. TORCH_CUDA_ARCH_LIST="8.0;9.0"'
+                'e.g. TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX"'
             )
+        arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
+        if arch_list and os.environ.get("ALIGN_DETR_NO_PTX", "0") != "1":
+            os.environ["TORCH_CUDA_ARCH_LIST"] = with_ptx(arch_list)
         extension = CUDAExtension
         sources += cuda_sources
         define_macros.append(("WITH_CUDA", None))

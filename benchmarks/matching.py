@@ -5,7 +5,7 @@ images with Q = 900 queries and C = 80 classes: k = 2 queries per GT for six of 
 (many-to-one) and k = 1 (Hungarian) for the final layer. Both ways run in the same process on
 the same inputs:
 
-* ours: ``ManyToOneMatcher`` / ``HungarianMatcher`` (per output: one compiled cost call, each
+* ours: ``HungarianMatcher`` with k per call (per output: one compiled cost call, each
   image against its own GT; one host copy; one compiled assignment call for all images);
 * ours + SciPy: our cost, then SciPy per image (what the solver alone buys);
 * the usual way (Deformable-DETR / DINO / detrex matchers): focal cost over all [B*Q, C]
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from align_detr.matching import HungarianMatcher, ManyToOneMatcher, assign_scipy, effective_k
+from align_detr.matching import HungarianMatcher, assign_scipy, effective_k
 from align_detr.matching.cost import matching_cost_flat, split_costs
 
 B, Q, C = 4, 900, 80
@@ -162,15 +162,13 @@ def run(quick: bool = False, num_gts: Sequence[int] = (5, 20, 50, 100)) -> List[
     ``cost_ratio`` (cost construction alone), plus the two total costs.
     """
     reps, warmup = (3, 1) if quick else (15, 3)
-    many = ManyToOneMatcher(k=2, **WEIGHTS)
-    one = HungarianMatcher(**WEIGHTS)
-    matchers = [many if k > 1 else one for k in KS]
+    matcher = HungarianMatcher(**WEIGHTS)
     rows = []
     for num_gt in num_gts:
         outputs, targets = make_step(num_gt)
 
         def ours():
-            return [m(o, targets) for m, o in zip(matchers, outputs)]
+            return [matcher(o, targets, k=k) for o, k in zip(outputs, KS)]
 
         def reference():
             return [reference_match(o, targets, k) for o, k in zip(outputs, KS)]

@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine_summary, median_time  # noqa: E402
 
-from align_detr.layers import ms_deform_attn, ms_deform_attn_grid_sample  # noqa: E402
+from align_detr.layers import ms_deform_attn  # noqa: E402
+from align_detr.layers.ms_deform_attn_reference import ms_deform_attn_grid_sample  # noqa: E402
 
 DINO_LEVELS = [(100, 167), (50, 84), (25, 42), (13, 21)]
 SMALL_LEVELS = [(32, 32), (16, 16), (8, 8), (4, 4)]

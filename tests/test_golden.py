@@ -9,10 +9,10 @@ import os
 import pytest
 import torch
 from detectron2.modeling import build_model
+from helpers import ROOT, load_script, tiny_cfg
 
 from align_detr.engine import AtomicCheckpointer, CheckpointLoadError
 from align_detr.formats import detect_format
-from helpers import ROOT, load_script, tiny_cfg
 
 check = load_script("tools/check_equivalence.py")
 convert = load_script("tools/convert_checkpoint.py")

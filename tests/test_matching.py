@@ -10,7 +10,6 @@ from scipy.optimize import linear_sum_assignment
 from align_detr import _ext
 from align_detr.matching import (
     HungarianMatcher,
-    ManyToOneMatcher,
     assign,
     assign_flat,
     assign_scipy,
@@ -444,8 +443,8 @@ def test_matcher_caps_k_per_image_only():
     # Q = 50: the crowded image (40 GT) gets k_eff = 1; the images after it must still get k.
     gts = [40, 0, 1, 12, 3]
     logits, boxes, labels, gt_boxes = random_batch(gts, num_queries=50, seed=8)
-    out = ManyToOneMatcher(k=3)(
-        {"pred_logits": logits, "pred_boxes": boxes}, make_targets(labels, gt_boxes)
+    out = HungarianMatcher()(
+        {"pred_logits": logits, "pred_boxes": boxes}, make_targets(labels, gt_boxes), k=3
     )
     assert len(out) == len(gts)
     expected_k = [1, None, 3, 3, 3]
@@ -459,9 +458,8 @@ def test_matcher_caps_k_per_image_only():
 def test_matcher_is_optimal_per_image(k):
     gts = [0, 1, 9, 25]
     logits, boxes, labels, gt_boxes = random_batch(gts, num_queries=60, seed=9)
-    matcher = HungarianMatcher() if k == 1 else ManyToOneMatcher(k=k)
     outputs = {"pred_logits": logits, "pred_boxes": boxes}
-    out = matcher(outputs, make_targets(labels, gt_boxes))
+    out = HungarianMatcher()(outputs, make_targets(labels, gt_boxes), k=k)
     for b, (rows, cols) in enumerate(out):
         check_structure(rows, cols, 60, gts[b], k)
         if gts[b] == 0:
@@ -476,16 +474,16 @@ def test_matcher_float32_agrees_with_float64():
     gts = [5, 17, 2]
     logits, boxes, labels, gt_boxes = random_batch(gts, num_queries=80, seed=10)
     targets = make_targets(labels, gt_boxes)
-    matcher = ManyToOneMatcher(k=2)
-    out32 = matcher({"pred_logits": logits, "pred_boxes": boxes}, targets)
-    out64 = matcher({"pred_logits": logits.double(), "pred_boxes": boxes.double()}, targets)
+    matcher = HungarianMatcher()
+    out32 = matcher({"pred_logits": logits, "pred_boxes": boxes}, targets, k=2)
+    out64 = matcher({"pred_logits": logits.double(), "pred_boxes": boxes.double()}, targets, k=2)
     for b, ((r32, c32), (r64, c64)) in enumerate(zip(out32, out64)):
         ref = reference_cost(logits[b], boxes[b], labels[b], gt_boxes[b]).numpy()
         assert total_cost(ref, r32, c32) == pytest.approx(total_cost(ref, r64, c64), rel=1e-6)
         assert torch.equal(c32, c64)  # grouping is the same; random costs have no ties
 
 
-def test_matcher_no_grad_and_k_override():
+def test_matcher_no_grad_and_k_per_call():
     logits, boxes, labels, gt_boxes = random_batch([4, 2], num_queries=20, seed=11)
     logits.requires_grad_(True)
     boxes.requires_grad_(True)
@@ -498,6 +496,46 @@ def test_matcher_no_grad_and_k_override():
     assert [r.numel() for r, _ in out] == [12, 6]
     with pytest.raises(ValueError, match="targets for a batch"):
         matcher({"pred_logits": logits, "pred_boxes": boxes}, targets[:1])
-    with pytest.raises(ValueError, match="positive integer"):
-        ManyToOneMatcher(k=0)
-    assert "k=2" in repr(ManyToOneMatcher(k=2))
+    # k is an argument of each call (the model passes one per output), checked by name.
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        matcher({"pred_logits": logits, "pred_boxes": boxes}, targets, k=0)
+    assert "cost_class=1.0" in repr(matcher)
+
+
+def test_cost_deferred_error_word():
+    """defer_errors appends the error word: 0 on the CPU (which raises at once), and the
+    matcher's host-side check turns a set word into the CPU op's detailed message."""
+    from align_detr.matching.cost import check_error_word, matching_cost_flat
+
+    logits, boxes, labels, gt_boxes = random_batch([2, 0, 3], num_queries=9, seed=12)
+    flat, sizes = matching_cost_flat(logits, boxes, labels, gt_boxes, defer_errors=True)
+    plain, _ = matching_cost_flat(logits, boxes, labels, gt_boxes)
+    assert flat.shape == (9 * 5 + 1,) and flat[-1] == 0 and sizes == [2, 0, 3]
+    assert torch.equal(check_error_word(flat, logits, boxes, labels, gt_boxes), plain)
+    empty, _ = matching_cost_flat(logits[:0], boxes[:0], [], [], defer_errors=True)
+    assert empty.tolist() == [0.0]
+    meta = [t.to("meta") for t in (logits, boxes, torch.cat(labels), torch.cat(gt_boxes))]
+    out = torch.ops.align_detr.matching_cost(
+        *meta, torch.tensor([0, 2, 2, 5]).to("meta"), 2.0, 5.0, 2.0, 0.25, 2.0, True
+    )
+    assert out.shape == (9 * 5 + 1,)
+    # A word set on the device (here: by hand) raises with the CPU op's detailed message.
+    bad_logits = logits.clone()
+    bad_logits[2, 4, 1] = float("nan")
+    word = flat.clone()
+    word[-1] = 1.0
+    with pytest.raises(RuntimeError, match=r"pred_logits\[2, 4, 1\]"):
+        check_error_word(word, bad_logits, boxes, labels, gt_boxes)
+    with pytest.raises(RuntimeError, match="pred_logits contains non-finite"):
+        check_error_word(word, logits, boxes, labels, gt_boxes)  # word only: generic message
+
+
+def test_matcher_raises_on_non_finite_predictions():
+    logits, boxes, labels, gt_boxes = random_batch([2, 3], num_queries=9, seed=13)
+    logits[1, 2, 3] = float("inf")
+    with pytest.raises(RuntimeError, match="pred_logits"):
+        HungarianMatcher()(
+            {"pred_logits": logits, "pred_boxes": boxes}, make_targets(labels, gt_boxes), k=2
+        )
+    with pytest.raises(TypeError):
+        HungarianMatcher(k=2)  # k is a per-call argument now

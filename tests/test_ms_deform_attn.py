@@ -109,6 +109,83 @@ def test_mixed_dtypes_are_promoted():
     assert out.dtype == torch.float32
 
 
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_integer_inputs_raise(which):
+    """An integer value / location / weight tensor is an error, not silently promoted."""
+    args = list(make_inputs([(6, 5)], 1, 2, 4, 3, 2, dtype=torch.float32))
+    names = {0: "value", 1: "sampling_locations", 2: "attention_weights"}
+    pos = {0: 0, 1: 3, 2: 4}[which]
+    args[pos] = (args[pos] * 10).long()
+    with pytest.raises(TypeError, match=f"{names[which]} must be a floating-point tensor"):
+        ms_deform_attn(*args)
+
+
+@pytest.mark.parametrize(
+    "mask", [(True, False, False), (False, True, False), (False, False, True), (False, True, True)]
+)
+def test_backward_computes_only_the_requested_gradients(mask):
+    value, ss, starts, loc, attn = make_inputs([(6, 5), (3, 2)], 2, 2, 8, 9, 3)
+    grad = torch.randn(2, 9, 16, dtype=torch.float64)
+    op = torch.ops.align_detr.ms_deform_attn_backward
+    full = op(value, ss, starts, loc, attn, grad)
+    part = op(value, ss, starts, loc, attn, grad, list(mask))
+    for want, a, b in zip(mask, full, part):
+        if want:
+            assert torch.equal(a, b)
+        else:
+            assert b.numel() == 0
+    # Through autograd: only the inputs that require grad get one.
+    v, lc, a = value.clone(), loc.clone(), attn.clone()
+    for t, want in zip((v, lc, a), mask):
+        t.requires_grad_(want)
+    ms_deform_attn(v, ss, starts, lc, a).backward(grad)
+    for t, want, ref in zip((v, lc, a), mask, full):
+        if want:
+            torch.testing.assert_close(t.grad, ref, rtol=0, atol=0)
+        else:
+            assert t.grad is None
+
+
+def test_half_location_gradient_rounds_the_float32_value():
+    """fp16 location gradients are computed in fp32 and rounded once: they are inf exactly
+    where the true gradient is beyond fp16's range (so GradScaler sees the overflow), and
+    never NaN."""
+    value, ss, starts, loc, attn = make_inputs([(4, 600), (2, 3)], 1, 2, 32, 6, 2, lo=0.1, hi=0.9)
+    value = value * 40
+    grad = torch.full((1, 6, 64), 30.0, dtype=torch.float64)
+    args = [t.half() for t in (value, loc, attn)]
+    _, gl_half, _ = torch.ops.align_detr.ms_deform_attn_backward(
+        args[0], ss, starts, args[1], args[2], grad.half()
+    )
+    _, gl_float, _ = torch.ops.align_detr.ms_deform_attn_backward(
+        *(t.float() for t in args[:1]), ss, starts, args[1].float(), args[2].float(), grad.float()
+    )
+    assert not torch.isnan(gl_half).any()
+    assert torch.isinf(gl_half).any() and torch.isfinite(gl_half).any()
+    torch.testing.assert_close(gl_half, gl_float.half(), rtol=2e-3, atol=1e-3)
+    torch.testing.assert_close(torch.isinf(gl_half), gl_float.abs() > 65519.0)
+
+
+def test_level_table_must_be_on_host_or_value_device():
+    value, ss, starts, loc, attn = make_inputs([(4, 3)], 1, 2, 4, 3, 2)
+    with pytest.raises(RuntimeError, match="spatial_shapes .*on the CPU"):
+        torch.ops.align_detr.ms_deform_attn_forward(value, ss.to("meta"), starts, loc, attn)
+
+
+def test_deterministic_mode_backward():
+    value, ss, starts, loc, attn = make_inputs([(9, 7), (4, 4)], 2, 2, 8, 20, 3)
+    grad = torch.randn(2, 20, 16, dtype=torch.float64)
+    op = torch.ops.align_detr.ms_deform_attn_backward
+    plain = op(value, ss, starts, loc, attn, grad)
+    torch.use_deterministic_algorithms(True)
+    try:
+        det = op(value, ss, starts, loc, attn, grad)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b in zip(plain, det):
+        assert torch.equal(a, b)
+
+
 def test_locations_on_borders_and_outside():
     """Pixel centres of the first/last row and column, the map edges (0 and 1), points just
     inside the strict -1 / W bounds and points far outside."""
@@ -122,7 +199,8 @@ def test_locations_on_borders_and_outside():
     torch.testing.assert_close(out, reference_msda(value, ss, loc, attn), rtol=1e-12, atol=1e-12)
     far = (pts.abs() > 2).any(-1)
     assert torch.all(out[0, far] == 0)
-    # gradients agree away from the measure-zero set x == -1 or y == -1 (see kernels.md §3.4)
+    # Gradients agree away from the measure-zero set x == -1 or y == -1, where the strict test
+    # (the sample contributes nothing) gives 0 and grid_sample a one-sided derivative.
     v, lc, a = (t.clone().requires_grad_() for t in (value, loc, attn))
     ms_deform_attn(v, ss, starts, lc, a).sum().backward()
     v2, lc2, a2 = (t.clone().requires_grad_() for t in (value, loc, attn))
@@ -283,3 +361,42 @@ def test_opcheck():
         torch.ops.align_detr.ms_deform_attn_forward,
         (value.requires_grad_(), ss, starts, loc.requires_grad_(), attn.requires_grad_()),
     )
+
+
+def test_level_normalizer_is_made_once_per_table_and_device():
+    """MSDeformAttn keeps a host level table's (W, H) on the query's device once, so a CPU
+    table costs no copy per call."""
+    from align_detr.layers.ms_deform_attn import _level_normalizer
+
+    ss, _, _ = level_table([(6, 5), (3, 2)])
+    like = torch.empty(0, device="meta", dtype=torch.float16)
+    first = _level_normalizer(ss, like)
+    assert first.device.type == "meta" and first.dtype == torch.float16 and first.shape == (2, 2)
+    assert _level_normalizer(ss, like) is first
+    same_device = _level_normalizer(ss, torch.empty(0, dtype=torch.float64))
+    assert same_device.tolist() == [[5.0, 6.0], [2.0, 3.0]]
+
+
+def test_op_modules_import_neither_engine_nor_modeling():
+    """The op wrappers stand alone: no detectron2 (engine or otherwise), no align_detr.modeling."""
+    import ast
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    files = ["align_detr/_ext.py", "align_detr/layers/ms_deform_attn.py"]
+    files += ["align_detr/layers/ms_deform_attn_reference.py"]
+    matching = os.path.join(root, "align_detr", "matching")
+    files += [os.path.join("align_detr", "matching", f) for f in sorted(os.listdir(matching))]
+    for rel in files:
+        if not rel.endswith(".py"):
+            continue
+        tree = ast.parse(open(os.path.join(root, rel)).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                assert not name.startswith("detectron2"), f"{rel} imports {name}"
+                assert not name.startswith("align_detr.modeling"), f"{rel} imports {name}"

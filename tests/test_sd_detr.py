@@ -5,8 +5,7 @@ import os
 import pytest
 import torch
 from detectron2.modeling import build_model
-from helpers import ROOT, batched_input, synthetic_image, tiny_cfg
-from test_train_net import run
+from helpers import ROOT, batched_input, run_train_net, synthetic_image, tiny_cfg
 
 from align_detr.layers import FFN, MSDeformAttn
 from align_detr.losses.tal import tal_cls_loss
@@ -180,8 +179,8 @@ def test_decoupled_model_trains_and_evaluates_through_train_net(
         out_dir,
         *SD,
     ]
-    run(base + opts)
-    res = run(
+    run_train_net(base + opts)
+    res = run_train_net(
         base + ["--eval-only"] + opts + ["MODEL.WEIGHTS", os.path.join(out_dir, "model_final.pth")]
     )
     assert 0.0 <= res["bbox"]["AP"] <= 100.0

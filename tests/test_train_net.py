@@ -3,14 +3,8 @@ to a temp dir, then --eval-only scoring the saved checkpoint with the real COCOE
 
 import os
 
-from detectron2.engine import default_argument_parser
 from helpers import ROOT
-
-import train_net
-
-
-def run(argv):
-    return train_net.main(default_argument_parser().parse_args(argv))
+from helpers import run_train_net as run
 
 
 def test_train_then_eval_only_prints_coco_ap(tiny_dataset, tmp_path, capsys):

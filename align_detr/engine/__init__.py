@@ -2,13 +2,13 @@
 """Training: the detectron2 trainer with the DETR optimizer, data pipeline and evaluator;
 checkpoints, hooks, single-image inference and drawing (the demo)."""
 
+from . import d2_compat
 from .checkpoint import (
     AtomicCheckpointer,
     CheckpointLoadError,
     check_weights_file,
     load_checkpoint,
 )
-from . import d2_compat
 from .hooks import EMAHook, ModelEMA, ResumeStateHook
 from .predictor import Predictor, dataset_metadata, draw_predictions
 from .solver import (

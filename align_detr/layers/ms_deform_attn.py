@@ -6,13 +6,15 @@ attention module with its sampling-offset, attention-weight, value and output pr
 """
 
 import math
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from align_detr import _ext
+
+# Re-exported until align_detr/layers/__init__.py imports it from its own module (it is a
+# benchmark / test reference, not part of the public surface).
 
 
 def ms_deform_attn(
@@ -29,14 +31,33 @@ def ms_deform_attn(
             (h, w) order; S = sum(H_l * W_l).
         spatial_shapes: (L, 2) int64, (H_l, W_l) of each level.
         level_start_index: (L,) int64, first row of each level in S (exclusive cumsum).
+            The level table (spatial_shapes, level_start_index) may be on the CPU while value is
+            on a GPU, and should be: the op reads it on the host, so a CPU table costs no device
+            synchronisation (and CUDA graphs can capture the call); a table on value's device
+            costs one blocking copy per call.
         sampling_locations: (N, Lq, M, L, P, 2) normalised (x, y); 0..1 covers the map, pixel
             x = loc_x * W - 0.5 (grid_sample with align_corners=False, zero padding).
         attention_weights: (N, Lq, M, L, P), already normalised by the caller.
 
     Returns:
-        (N, Lq, M * D), differentiable in value, sampling_locations and attention_weights.
-        Mixed floating dtypes (e.g. fp16 value under autocast) are promoted to the widest one.
+        (N, Lq, M * D), differentiable in value, sampling_locations and attention_weights (only
+        the gradients autograd asks for are computed). Mixed floating dtypes (e.g. fp16 value
+        under autocast) are promoted to the widest one.
+
+    Raises:
+        TypeError: if value, sampling_locations or attention_weights is not floating point.
+        RuntimeError: on inconsistent shapes, devices or level tables (the message names the
+            argument).
     """
+    for name, t in (
+        ("value", value),
+        ("sampling_locations", sampling_locations),
+        ("attention_weights", attention_weights),
+    ):
+        if not t.is_floating_point():
+            raise TypeError(
+                f"ms_deform_attn: {name} must be a floating-point tensor, got {t.dtype}"
+            )
     dtype = torch.promote_types(
         value.dtype, torch.promote_types(sampling_locations.dtype, attention_weights.dtype)
     )
@@ -49,31 +70,23 @@ def ms_deform_attn(
     )
 
 
-def ms_deform_attn_grid_sample(
-    value: torch.Tensor,
-    spatial_shapes: torch.Tensor,
-    sampling_locations: torch.Tensor,
-    attention_weights: torch.Tensor,
-) -> torch.Tensor:
-    """The usual pure-PyTorch formulation (one ``F.grid_sample`` per level); same contract.
+# (W_l, H_l) of a CPU level table on another device, per (table, device, dtype): made once, so a
+# CPU table costs no host-to-device copy per call (and CUDA graph capture sees none).
+_NORMALIZERS: Dict[Tuple, torch.Tensor] = {}
 
-    Kept as the speed baseline for benchmarks/ms_deform_attn.py.
-    """
-    n, _, m, d = value.shape
-    _, lq, _, levels, points, _ = sampling_locations.shape
-    sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
-    grids = 2 * sampling_locations - 1
-    sampled = []
-    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
-        # (N, H*W, M, D) -> (N*M, D, H, W)
-        v = value.split(sizes, dim=1)[lvl].flatten(2).transpose(1, 2).reshape(n * m, d, h, w)
-        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (N*M, Lq, P, 2)
-        sampled.append(
-            F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)
-        )
-    weights = attention_weights.transpose(1, 2).reshape(n * m, 1, lq, levels * points)
-    out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)  # (N*M, D, Lq)
-    return out.view(n, m * d, lq).transpose(1, 2).contiguous()
+
+def _level_normalizer(spatial_shapes: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(L, 2) (W_l, H_l) of each level, on like's device and in its dtype."""
+    if spatial_shapes.device == like.device or torch.compiler.is_compiling():
+        return spatial_shapes.flip(-1).to(device=like.device, dtype=like.dtype)
+    key = (tuple(spatial_shapes.flatten().tolist()), like.device, like.dtype)
+    norm = _NORMALIZERS.get(key)
+    if norm is None:
+        if len(_NORMALIZERS) >= 64:
+            _NORMALIZERS.clear()
+        norm = spatial_shapes.flip(-1).to(device=like.device, dtype=like.dtype)
+        _NORMALIZERS[key] = norm
+    return norm
 
 
 class MSDeformAttn(nn.Module):
@@ -140,8 +153,9 @@ class MSDeformAttn(nn.Module):
             reference_points: (N, Lq, L, 2) normalised (x, y) points, or (N, Lq, L, 4) boxes
                 (cx, cy, w, h); with boxes the offsets are scaled by half the box size / P.
             input_flatten: (N, S, C) the flattened levels.
-            spatial_shapes: (L, 2) int64 (H_l, W_l).
-            level_start_index: (L,) int64.
+            spatial_shapes: (L, 2) int64 (H_l, W_l); on the CPU for GPU inputs (see
+                :func:`ms_deform_attn`).
+            level_start_index: (L,) int64, on the same device as spatial_shapes.
             input_padding_mask: optional (N, S) bool, True on padding; those values are zeroed.
 
         Returns:
@@ -163,10 +177,11 @@ class MSDeformAttn(nn.Module):
         weights = weights.softmax(-1).view(n, lq, m, lv, p)
         if reference_points.shape[-1] == 2:
             # offsets are in pixels of each level: normalise by (W, H)
-            normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)
-            locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[
-                None, None, None, :, None, :
-            ].to(offsets.dtype)
+            normalizer = _level_normalizer(spatial_shapes, offsets)
+            locations = (
+                reference_points[:, :, None, :, None, :]
+                + offsets / normalizer[None, None, None, :, None, :]
+            )
         elif reference_points.shape[-1] == 4:
             locations = (
                 reference_points[:, :, None, :, None, :2]

@@ -1,12 +1,11 @@
-"""DETR matching: compiled matching cost, one-to-one and many-to-one assignment, matchers."""
+"""DETR matching: compiled matching cost, one-to-one and many-to-one assignment, the matcher."""
 
 from .assignment import assign, assign_flat, assign_scipy, effective_k
 from .cost import matching_cost
-from .matcher import HungarianMatcher, ManyToOneMatcher
+from .matcher import HungarianMatcher
 
 __all__ = [
     "HungarianMatcher",
-    "ManyToOneMatcher",
     "assign",
     "assign_flat",
     "assign_scipy",

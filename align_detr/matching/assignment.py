@@ -32,9 +32,10 @@ def effective_k(k: int, num_queries: int, num_gt: int) -> int:
     return max(1, min(int(k), num_queries // num_gt))
 
 
-def _check_k(k) -> int:
+def check_k(k, caller: str = "assign") -> int:
+    """Returns ``k`` as an int; raises a ValueError naming ``k`` unless it is an integer >= 1."""
     if isinstance(k, bool) or int(k) != k or k < 1:
-        raise ValueError(f"assign: k must be a positive integer, got {k}")
+        raise ValueError(f"{caller}: k must be a positive integer, got {k}")
     return int(k)
 
 
@@ -45,7 +46,7 @@ def assign_scipy(cost: np.ndarray, k: int = 1) -> Tuple[np.ndarray, np.ndarray]:
     """
     if cost.ndim != 2:
         raise ValueError(f"assign: cost must be (Q, G), got shape {cost.shape}")
-    k = _check_k(k)
+    k = check_k(k)
     num_queries, num_gt = cost.shape
     if num_gt == 0 or num_queries == 0:
         return _EMPTY, _EMPTY
@@ -77,7 +78,7 @@ def assign_flat(
     Returns:
         B tuples ``(rows, cols)`` as :func:`assign` returns them.
     """
-    k = _check_k(k)
+    k = check_k(k)
     offsets = torch.tensor([0] + list(np.cumsum(sizes, dtype=np.int64)), dtype=torch.int64)
     rows, cols, pair_offsets = _ext.ops().assign_batch(flat, offsets, num_queries, k)
     counts = torch.diff(pair_offsets).tolist()
@@ -102,7 +103,7 @@ def assign(cost: torch.Tensor, k: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
     """
     if cost.dim() != 2:
         raise ValueError(f"assign: cost must be (Q, G), got shape {tuple(cost.shape)}")
-    k = _check_k(k)
+    k = check_k(k)
     c = cost.detach().cpu()
     if c.dtype not in (torch.float32, torch.float64):
         c = c.to(torch.float32 if c.dtype in (torch.float16, torch.bfloat16) else torch.float64)

@@ -52,14 +52,23 @@ def matching_cost_flat(
     giou_weight: float = 2.0,
     alpha: float = 0.25,
     gamma: float = 2.0,
+    defer_errors: bool = False,
 ) -> Tuple[torch.Tensor, List[int]]:
     """Like :func:`matching_cost`, but returns the op's flat output and the GT counts.
 
+    Args:
+        defer_errors: on a GPU, do not wait for the device to check the data (non-finite
+            values, labels, offsets): ``flat`` then ends with one extra element holding the
+            op's error bits, which :func:`check_error_word` turns into the exception once
+            ``flat`` has reached the host (the one device-to-host copy the matcher makes anyway).
+            On the CPU errors are raised at once and the extra element is 0.
+
     Returns:
-        ``(flat, sizes)``: flat (Q * sum(G),) holds image b's cost block starting at
-        Q * sum(sizes[:b]), GT-major: (G_b, Q) row-major, element g * Q + q being the cost of
-        query q for GT g; sizes is the list of G_b. The matchers copy ``flat`` to the host in
-        one transfer and solve it there with ``torch.ops.align_detr.assign_batch``.
+        ``(flat, sizes)``: flat (Q * sum(G),) (plus the error word with ``defer_errors``) holds
+        image b's cost block starting at Q * sum(sizes[:b]), GT-major: (G_b, Q) row-major,
+        element g * Q + q being the cost of query q for GT g; sizes is the list of G_b. The
+        matcher copies ``flat`` to the host in one transfer and solves it there with
+        ``torch.ops.align_detr.assign_batch``.
     """
     if pred_logits.dim() != 3:
         raise ValueError(
@@ -76,7 +85,7 @@ def matching_cost_flat(
             if torch.float64 in (pred_logits.dtype, pred_boxes.dtype)
             else torch.float32
         )
-        return pred_logits.new_empty((0,), dtype=out_dtype), []
+        return pred_logits.new_zeros((1 if defer_errors else 0,), dtype=out_dtype), []
     labels, boxes, offsets, sizes = _concat_targets(gt_labels, gt_boxes, pred_logits.device)
     with torch.no_grad():  # matching is not differentiated; the op has no autograd formula
         flat = _ext.ops().matching_cost(
@@ -90,8 +99,47 @@ def matching_cost_flat(
             float(giou_weight),
             float(alpha),
             float(gamma),
+            defer_errors,
         )
     return flat, sizes
+
+
+# Messages of the op's error bits (csrc/matching/matching_cost.h, MatchingCostError).
+_ERROR_BITS = (
+    (1, "pred_logits contains non-finite values (NaN or inf)"),
+    (2, "pred_boxes contains non-finite values (NaN or inf)"),
+    (4, "gt_boxes contains non-finite values (NaN or inf)"),
+    (8, "gt_labels has values outside [0, C)"),
+    (16, "gt_offsets must start at 0, be non-decreasing and end at sumG"),
+)
+
+
+def check_error_word(
+    flat_host: torch.Tensor,
+    pred_logits: torch.Tensor,
+    pred_boxes: torch.Tensor,
+    gt_labels: Sequence[torch.Tensor],
+    gt_boxes: Sequence[torch.Tensor],
+) -> torch.Tensor:
+    """Checks the error word of a ``defer_errors`` output that is on the host; returns the costs.
+
+    Raises:
+        RuntimeError: when the word is not 0, with the message the CPU op gives for the same
+            inputs (it is re-run on host copies to find the offending element; this path is
+            only taken on bad data).
+    """
+    bits = int(flat_host[-1].item()) if flat_host.numel() else 0
+    if bits != 0:
+        # The detailed message (which element, which value) comes from the CPU op.
+        matching_cost_flat(
+            pred_logits.detach().cpu(),
+            pred_boxes.detach().cpu(),
+            [t.cpu() for t in gt_labels],
+            [t.cpu() for t in gt_boxes],
+        )
+        reasons = "; ".join(msg for bit, msg in _ERROR_BITS if bits & bit)
+        raise RuntimeError(f"matching_cost: {reasons}")
+    return flat_host[:-1]
 
 
 def split_costs(flat: torch.Tensor, sizes: Sequence[int], num_queries: int) -> List[torch.Tensor]:
@@ -152,32 +200,3 @@ def matching_cost(
         gamma,
     )
     return split_costs(flat, sizes, pred_logits.shape[1])
-
-
-def _register_fake():
-    @torch.library.register_fake("align_detr::matching_cost")
-    def _matching_cost_fake(
-        pred_logits, pred_boxes, gt_labels, gt_boxes, gt_offsets, cw, bw, gw, alpha, gamma
-    ):
-        # Data-independent part of the C++ validation, so traced graphs fail as eager would.
-        torch._check(pred_logits.dim() == 3, lambda: "matching_cost: pred_logits must be (B, Q, C)")
-        torch._check(
-            pred_boxes.dim() == 3 and pred_boxes.shape[2] == 4,
-            lambda: "matching_cost: pred_boxes must be (B, Q, 4)",
-        )
-        torch._check(
-            gt_labels.dim() == 1
-            and gt_boxes.dim() == 2
-            and gt_boxes.shape[0] == gt_labels.shape[0],
-            lambda: "matching_cost: gt_labels must be (sumG,) and gt_boxes (sumG, 4)",
-        )
-        dtype = (
-            torch.float64
-            if torch.float64 in (pred_logits.dtype, pred_boxes.dtype)
-            else torch.float32
-        )
-        return pred_logits.new_empty((pred_logits.shape[1] * gt_labels.shape[0],), dtype=dtype)
-
-
-if _ext._LOAD_ERROR is None:
-    _register_fake()

@@ -1,19 +1,20 @@
-"""DETR matchers on the compiled matching cost: one-to-one (Hungarian) and many-to-one."""
+"""DETR matcher on the compiled matching cost: one-to-one (Hungarian) and many-to-one."""
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .assignment import assign_flat
-from .cost import matching_cost_flat
+from .assignment import assign_flat, check_k
+from .cost import check_error_word, matching_cost_flat
 
 
 class HungarianMatcher(nn.Module):
     """Matches queries to ground truth by minimum focal + L1 + (-GIoU) cost, ``k`` queries per GT.
 
     The costs of the whole batch come from one compiled call (each image against its own GT),
-    reach the host in one copy and are solved there by one compiled call (images in parallel),
+    reach the host in one copy (the only device synchronisation of a call; data errors found on
+    the device travel with it) and are solved there by one compiled call (images in parallel),
     with ``k_eff = max(1, min(k, Q // G_b))`` computed for each image alone. ``k = 1`` is the
     one-to-one matching of DETR; ``k > 1`` the many-to-one matching of Align-DETR.
 
@@ -21,7 +22,6 @@ class HungarianMatcher(nn.Module):
         cost_class, cost_bbox, cost_giou: weights of the focal class cost, the L1 box cost on
             normalised cxcywh and the (-GIoU) cost.
         alpha, gamma: focal-cost parameters.
-        k: queries per GT (capped per image); ``forward`` can override it per call.
     """
 
     def __init__(
@@ -31,24 +31,20 @@ class HungarianMatcher(nn.Module):
         cost_giou: float = 2.0,
         alpha: float = 0.25,
         gamma: float = 2.0,
-        k: int = 1,
     ):
         super().__init__()
-        if int(k) != k or k < 1:
-            raise ValueError(f"matcher: k must be a positive integer, got {k}")
         self.cost_class = cost_class
         self.cost_bbox = cost_bbox
         self.cost_giou = cost_giou
         self.alpha = alpha
         self.gamma = gamma
-        self.k = int(k)
 
     @torch.no_grad()
     def forward(
         self,
         outputs: Dict[str, torch.Tensor],
         targets: Sequence[Dict[str, torch.Tensor]],
-        k: Optional[int] = None,
+        k: int = 1,
     ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """Matches one output (one decoder layer or the encoder proposals) of a batch.
 
@@ -57,56 +53,41 @@ class HungarianMatcher(nn.Module):
                 normalised cxcywh.
             targets: B dicts with ``labels`` (G_b,) int64 and ``boxes`` (G_b, 4) normalised
                 cxcywh.
-            k: queries per GT for this call (default: the matcher's ``k``).
+            k: queries per GT (a positive integer; capped per image).
 
         Returns:
             B tuples ``(query_idx, gt_idx)`` of int64 CPU tensors, grouped by GT index; each GT of
             image b appears exactly ``max(1, min(k, Q // G_b))`` times (once per query when
             Q < G_b, which then leaves GTs unmatched) and no query appears twice.
         """
-        k = self.k if k is None else k
+        k = check_k(k, "matcher")
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         if len(targets) != logits.shape[0]:
             raise ValueError(
                 f"matcher: {len(targets)} targets for a batch of {logits.shape[0]} images"
             )
         num_queries = logits.shape[1]
+        labels = [t["labels"] for t in targets]
+        gt_boxes = [t["boxes"] for t in targets]
         flat, sizes = matching_cost_flat(
             logits,
             boxes,
-            [t["labels"] for t in targets],
-            [t["boxes"] for t in targets],
+            labels,
+            gt_boxes,
             self.cost_class,
             self.cost_bbox,
             self.cost_giou,
             self.alpha,
             self.gamma,
+            defer_errors=True,
         )
-        # The one device-to-host copy of the batch, then all images solved in one call.
-        return assign_flat(flat.cpu(), sizes, num_queries, k)
+        # The one device-to-host copy of the batch (costs and error word), then all images
+        # solved in one call.
+        costs = check_error_word(flat.cpu(), logits, boxes, labels, gt_boxes)
+        return assign_flat(costs, sizes, num_queries, k)
 
     def extra_repr(self) -> str:
         return (
             f"cost_class={self.cost_class}, cost_bbox={self.cost_bbox}, "
-            f"cost_giou={self.cost_giou}, alpha={self.alpha}, gamma={self.gamma}, k={self.k}"
+            f"cost_giou={self.cost_giou}, alpha={self.alpha}, gamma={self.gamma}"
         )
-
-
-class ManyToOneMatcher(HungarianMatcher):
-    """Align-DETR's many-to-one matcher: each GT gets ``k`` distinct queries (capped per image).
-
-    Args:
-        k: queries per GT; ``max(1, min(k, Q // G_b))`` are used for image b.
-        cost_class, cost_bbox, cost_giou, alpha, gamma: as in :class:`HungarianMatcher`.
-    """
-
-    def __init__(
-        self,
-        k: int = 2,
-        cost_class: float = 2.0,
-        cost_bbox: float = 5.0,
-        cost_giou: float = 2.0,
-        alpha: float = 0.25,
-        gamma: float = 2.0,
-    ):
-        super().__init__(cost_class, cost_bbox, cost_giou, alpha, gamma, k=k)

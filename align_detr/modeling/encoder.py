@@ -23,8 +23,8 @@ class EncoderMemory:
     Attributes:
         memory: (N, S, d) encoded tokens, level by level.
         padding_mask: (N, S) bool, True on padding.
-        spatial_shapes: (L, 2) int64 (H_l, W_l), the op's level table.
-        level_start_index: (L,) int64, first token of each level.
+        spatial_shapes: (L, 2) int64 (H_l, W_l), the op's level table, on the CPU.
+        level_start_index: (L,) int64, first token of each level, on the CPU.
         valid_ratios: (N, L, 2) fraction of each level that is image, as (w, h).
         shapes: the level sizes as Python ints, for host-side loops.
     """
@@ -117,12 +117,13 @@ class DeformableEncoder(nn.Module):
         src = torch.cat(flat_src, 1)
         padding_mask = torch.cat(flat_mask, 1)
         pos = torch.cat(flat_pos, 1)
-        # The level table is built from host ints: reading it never waits for the device.
+        # The level table stays on the host: the deformable-attention op reads it there, so no
+        # call waits for the device (and a CUDA graph can capture the model).
         starts = [0]
         for h, w in shapes[:-1]:
             starts.append(starts[-1] + h * w)
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src.device)
-        level_start_index = torch.as_tensor(starts, dtype=torch.long, device=src.device)
+        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long)
+        level_start_index = torch.as_tensor(starts, dtype=torch.long)
         valid_ratios = valid_ratios_of(masks)
         reference_points = encoder_reference_points(shapes, valid_ratios)
         memory = src

@@ -29,17 +29,7 @@
 #include "../cpu_isa.h"
 #include "lsap.h"
 
-// assign_batch(cost, offsets, num_queries, k) -> (rows, cols, pair_offsets)
-//   cost (Q * sumG,) float32 / float64: image b's GT-major (G_b, Q) block at Q * offsets[b]
-//   (the layout of matching_cost's output); offsets (B + 1,) int64, exclusive cumsum of G_b.
-//   -> rows, cols (P,) int64: image b's pairs at [pair_offsets[b], pair_offsets[b + 1]), grouped
-//   by GT index, queries increasing within a GT; pair_offsets (B + 1,) int64. Host tensors only.
-TORCH_LIBRARY_FRAGMENT(align_detr, m) {
-  m.def(
-      "assign_batch(Tensor cost, Tensor offsets, int num_queries, int k) "
-      "-> (Tensor, Tensor, Tensor)");
-}
-
+// The schema is in assign_batch_ops.cpp.
 namespace align_detr {
 namespace {
 
@@ -73,9 +63,8 @@ struct QueryRows {
 
 // Solves one image's GT-major (G, Q) block; writes num_pairs(k, Q, G) pairs grouped by GT.
 template <typename T>
-ALIGN_DETR_ALWAYS_INLINE void solve_image(const T* block, int64_t Q, int64_t G, int64_t k,
-                                          Lsap& w, std::vector<T>& ct, int64_t* rows,
-                                          int64_t* cols) {
+ALIGN_DETR_ALWAYS_INLINE void solve_image(const T* block, int64_t Q, int64_t G, int64_t k, Lsap& w,
+                                          std::vector<T>& ct, int64_t* rows, int64_t* cols) {
   if (G == 0 || Q == 0) return;
   if (Q >= G) {
     const int64_t ke = effective_k(k, Q, G);
@@ -115,9 +104,9 @@ ALIGN_DETR_TARGET_AVX2 void solve_image_avx2(const T* block, int64_t Q, int64_t 
 }
 
 template <typename T>
-ALIGN_DETR_TARGET_AVX512 void solve_image_avx512(const T* block, int64_t Q, int64_t G,
-                                                 int64_t k, Lsap& w, std::vector<T>& ct,
-                                                 int64_t* rows, int64_t* cols) {
+ALIGN_DETR_TARGET_AVX512 void solve_image_avx512(const T* block, int64_t Q, int64_t G, int64_t k,
+                                                 Lsap& w, std::vector<T>& ct, int64_t* rows,
+                                                 int64_t* cols) {
   solve_image<T>(block, Q, G, k, w, ct, rows, cols);
 }
 #endif
@@ -182,8 +171,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> assign_batch_cpu(const at::Tensor
       Lsap w;
       std::vector<scalar_t> ct;
       for (int64_t b = b0; b < b1; ++b) {
-        run_image<scalar_t>(isa, data + num_queries * off[b], num_queries, off[b + 1] - off[b],
-                            k, w, ct, rp + po[b], cp + po[b]);
+        run_image<scalar_t>(isa, data + num_queries * off[b], num_queries, off[b + 1] - off[b], k,
+                            w, ct, rp + po[b], cp + po[b]);
       }
     });
   });

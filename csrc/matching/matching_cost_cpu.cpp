@@ -38,8 +38,8 @@
 namespace align_detr {
 namespace {
 
-using matching::Box;
 using cpu::Isa;
+using matching::Box;
 
 constexpr int64_t kTile = 64;  // queries per tile
 
@@ -92,7 +92,7 @@ struct FastFloatMathGamma2 {
 template <typename acc_t>
 struct GtTable {
   std::vector<acc_t> cx, cy, w, h, x0, y0, x1, y1, area;  // (sumG,)
-  std::vector<int32_t> uidx;   // (sumG,) position of the GT's class in its image's class list
+  std::vector<int32_t> uidx;    // (sumG,) position of the GT's class in its image's class list
   std::vector<int64_t> ulabel;  // distinct classes of image 0, then image 1, ...
   std::vector<int64_t> ustart;  // (B + 1,) where each image's list starts in ulabel
   int64_t max_u = 0;            // longest list
@@ -128,8 +128,8 @@ struct Scratch {
 // Returns false when one of the tiles' logits or boxes is not finite (its costs are then
 // meaningless; the caller raises).
 template <typename scalar_t, typename acc_t, typename M>
-ALIGN_DETR_ALWAYS_INLINE bool cost_tiles(const Args<scalar_t, acc_t>& a, int64_t begin,
-                                         int64_t end, Scratch<acc_t>& s) {
+ALIGN_DETR_ALWAYS_INLINE bool cost_tiles(const Args<scalar_t, acc_t>& a, int64_t begin, int64_t end,
+                                         Scratch<acc_t>& s) {
   const GtTable<acc_t>& gt = *a.gt;
   const int64_t Q = a.Q, C = a.C;
   int bad = 0;
@@ -161,8 +161,8 @@ ALIGN_DETR_ALWAYS_INLINE bool cost_tiles(const Args<scalar_t, acc_t>& a, int64_t
     acc_t* __restrict__ pw = s.pw;
     acc_t* __restrict__ ph = s.ph;
     for (int64_t i = 0; i < n; ++i) {
-      const Box<acc_t> p = matching::make_box(pb[4 * i], pb[4 * i + 1], pb[4 * i + 2],
-                                              pb[4 * i + 3]);
+      const Box<acc_t> p =
+          matching::make_box(pb[4 * i], pb[4 * i + 1], pb[4 * i + 2], pb[4 * i + 3]);
       pcx[i] = p.cx;
       pcy[i] = p.cy;
       pw[i] = p.w;
@@ -197,10 +197,10 @@ ALIGN_DETR_ALWAYS_INLINE bool cost_tiles(const Args<scalar_t, acc_t>& a, int64_t
       const acc_t* __restrict__ cls = s.cls + gt.uidx[j] * kTile;
       acc_t* __restrict__ o = a.out + j * Q + q0;
       for (int64_t i = 0; i < n; ++i) {
-        const Box<acc_t> p = {pcx[i], pcy[i], pw[i], ph[i], px0[i], py0[i], px1[i], py1[i],
-                              parea[i]};
-        o[i] = cls[i] + matching::box_cost(p, gcx, gcy, gww, ghh, gx0, gy0, gx1, gy1, garea, bw,
-                                           gw);
+        const Box<acc_t> p = {pcx[i], pcy[i], pw[i],  ph[i],   px0[i],
+                              py0[i], px1[i], py1[i], parea[i]};
+        o[i] =
+            cls[i] + matching::box_cost(p, gcx, gcy, gww, ghh, gx0, gy0, gx1, gy1, garea, bw, gw);
       }
     }
   }
@@ -235,8 +235,7 @@ bool run_tiles_isa(Isa isa, const Args<scalar_t, acc_t>& a, int64_t b, int64_t e
 
 // Float with gamma = 2 (the DETR default) takes the vectorised exp / log; anything else libm.
 template <typename scalar_t, typename acc_t>
-bool run_tiles(Isa isa, const Args<scalar_t, acc_t>& a, int64_t b, int64_t e,
-               Scratch<acc_t>& s) {
+bool run_tiles(Isa isa, const Args<scalar_t, acc_t>& a, int64_t b, int64_t e, Scratch<acc_t>& s) {
   if constexpr (std::is_same_v<acc_t, float>) {
     if (a.gamma == 2.0f) {
       return run_tiles_isa<scalar_t, acc_t, FastFloatMathGamma2>(isa, a, b, e, s);
@@ -250,8 +249,10 @@ bool run_tiles(Isa isa, const Args<scalar_t, acc_t>& a, int64_t b, int64_t e,
 void check_offsets(const int64_t* off, int64_t B, int64_t sumG) {
   TORCH_CHECK(off[0] == 0, "matching_cost: gt_offsets[0] must be 0, got ", off[0]);
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(off[b + 1] >= off[b], "matching_cost: gt_offsets must be non-decreasing, but "
-                "gt_offsets[", b + 1, "] = ", off[b + 1], " < gt_offsets[", b, "] = ", off[b]);
+    TORCH_CHECK(off[b + 1] >= off[b],
+                "matching_cost: gt_offsets must be non-decreasing, but "
+                "gt_offsets[",
+                b + 1, "] = ", off[b + 1], " < gt_offsets[", b, "] = ", off[b]);
   }
   TORCH_CHECK(off[B] == sumG, "matching_cost: gt_offsets[-1] = ", off[B],
               " but gt_labels has sumG = ", sumG, " entries");
@@ -267,8 +268,8 @@ GtTable<acc_t> build_gt_table(const int64_t* labels, const acc_t* boxes, const i
   t.uidx.resize(sumG);
   t.ustart.assign(B + 1, 0);
   for (int64_t j = 0; j < sumG; ++j) {
-    TORCH_CHECK(labels[j] >= 0 && labels[j] < C, "matching_cost: gt_labels[", j, "] = ",
-                labels[j], " is outside [0, C) = [0, ", C, ")");
+    TORCH_CHECK(labels[j] >= 0 && labels[j] < C, "matching_cost: gt_labels[", j, "] = ", labels[j],
+                " is outside [0, C) = [0, ", C, ")");
     const acc_t* bx = boxes + 4 * j;
     for (int k = 0; k < 4; ++k) {
       TORCH_CHECK(std::isfinite(bx[k]), "matching_cost: gt_boxes contains a non-finite value (",
@@ -291,8 +292,8 @@ GtTable<acc_t> build_gt_table(const int64_t* labels, const acc_t* boxes, const i
     std::sort(sorted.begin(), sorted.end());
     sorted.erase(std::unique(sorted.begin(), sorted.end()), sorted.end());
     for (int64_t j = off[b]; j < off[b + 1]; ++j) {
-      t.uidx[j] = static_cast<int32_t>(
-          std::lower_bound(sorted.begin(), sorted.end(), labels[j]) - sorted.begin());
+      t.uidx[j] = static_cast<int32_t>(std::lower_bound(sorted.begin(), sorted.end(), labels[j]) -
+                                       sorted.begin());
     }
     t.ulabel.insert(t.ulabel.end(), sorted.begin(), sorted.end());
     t.ustart[b + 1] = static_cast<int64_t>(t.ulabel.size());
@@ -304,8 +305,8 @@ GtTable<acc_t> build_gt_table(const int64_t* labels, const acc_t* boxes, const i
 // Tile boundaries of tasks of about equal work. A query of image b costs about C / 16 (finiteness
 // check), 4 per distinct class (vectorised transcendentals) and 2 per GT (pair cost).
 template <typename acc_t>
-std::vector<int64_t> split_tiles(const GtTable<acc_t>& gt, const int64_t* off, int64_t B,
-                                 int64_t Q, int64_t C, int64_t tiles_per_image) {
+std::vector<int64_t> split_tiles(const GtTable<acc_t>& gt, const int64_t* off, int64_t B, int64_t Q,
+                                 int64_t C, int64_t tiles_per_image) {
   const int64_t n_tiles = B * tiles_per_image;
   std::vector<double> cum(n_tiles + 1, 0.0);
   for (int64_t t = 0; t < n_tiles; ++t) {
@@ -329,8 +330,7 @@ std::vector<int64_t> split_tiles(const GtTable<acc_t>& gt, const int64_t* off, i
 
 // Raises for the first non-finite prediction (only called once cost_rows found one).
 template <typename scalar_t, typename acc_t>
-void raise_non_finite(const scalar_t* logits, const acc_t* boxes, int64_t B, int64_t Q,
-                      int64_t C) {
+void raise_non_finite(const scalar_t* logits, const acc_t* boxes, int64_t B, int64_t Q, int64_t C) {
   for (int64_t i = 0; i < B * Q * C; ++i) {
     const acc_t v = static_cast<acc_t>(logits[i]);
     TORCH_CHECK(std::isfinite(v), "matching_cost: pred_logits contains a non-finite value (", v,
@@ -347,30 +347,30 @@ void raise_non_finite(const scalar_t* logits, const acc_t* boxes, int64_t B, int
 
 at::Tensor matching_cost_cpu(const at::Tensor& pred_logits, const at::Tensor& pred_boxes,
                              const at::Tensor& gt_labels, const at::Tensor& gt_boxes,
-                             const at::Tensor& gt_offsets, double class_weight,
-                             double bbox_weight, double giou_weight, double alpha, double gamma) {
-  const MatchingCostSizes sz =
-      check_matching_cost_inputs(pred_logits, pred_boxes, gt_labels, gt_boxes, gt_offsets);
-  const at::ScalarType acc_type = matching_cost_dtype(pred_logits, pred_boxes);
-  // Logits are read in their own dtype (fp16 / bf16 upcast per element) unless the costs are
-  // computed in float64; boxes are few and converted up front.
-  at::Tensor logits = pred_logits.contiguous();
-  if (acc_type == at::kDouble) logits = logits.to(at::kDouble);
-  const at::Tensor boxes = pred_boxes.to(acc_type).contiguous();
-  const at::Tensor gboxes = gt_boxes.to(acc_type).contiguous();
-  const at::Tensor labels = gt_labels.contiguous();
-  const at::Tensor offsets = gt_offsets.contiguous();
-  const int64_t* off = offsets.const_data_ptr<int64_t>();
+                             const at::Tensor& gt_offsets, double class_weight, double bbox_weight,
+                             double giou_weight, double alpha, double gamma, bool defer_errors) {
+  const MatchingCostInputs in =
+      prepare_matching_cost(pred_logits, pred_boxes, gt_labels, gt_boxes, gt_offsets);
+  const MatchingCostSizes& sz = in.sz;
+  const at::ScalarType acc_type = in.cost_dtype;
+  const at::Tensor& logits = in.logits;
+  const at::Tensor& boxes = in.boxes;
+  const at::Tensor& gboxes = in.gt_boxes;
+  const at::Tensor& labels = in.gt_labels;
+  const int64_t* off = in.gt_offsets.const_data_ptr<int64_t>();
   check_offsets(off, sz.B, sz.sumG);
 
-  at::Tensor out = at::empty({sz.Q * sz.sumG}, pred_logits.options().dtype(acc_type));
+  // With defer_errors the last element is the (here always clear) error word.
+  const int64_t n_out = sz.Q * sz.sumG;
+  at::Tensor out_buf =
+      at::empty({n_out + (defer_errors ? 1 : 0)}, pred_logits.options().dtype(acc_type));
   const Isa isa = cpu::pick_isa();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, logits.scalar_type(), "matching_cost_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         const GtTable<acc_t> gt =
-            build_gt_table<acc_t>(labels.const_data_ptr<int64_t>(),
-                                  gboxes.const_data_ptr<acc_t>(), off, sz.B, sz.C, sz.sumG);
+            build_gt_table<acc_t>(labels.const_data_ptr<int64_t>(), gboxes.const_data_ptr<acc_t>(),
+                                  off, sz.B, sz.C, sz.sumG);
         Args<scalar_t, acc_t> a;
         a.logits = logits.const_data_ptr<scalar_t>();
         a.boxes = boxes.const_data_ptr<acc_t>();
@@ -383,7 +383,8 @@ at::Tensor matching_cost_cpu(const at::Tensor& pred_logits, const at::Tensor& pr
         a.giou_weight = static_cast<acc_t>(giou_weight);
         a.alpha = static_cast<acc_t>(alpha);
         a.gamma = static_cast<acc_t>(gamma);
-        a.out = out.data_ptr<acc_t>();
+        a.out = out_buf.data_ptr<acc_t>();
+        if (defer_errors) a.out[n_out] = acc_t(0);
         a.tiles_per_image = (sz.Q + kTile - 1) / kTile;
         const std::vector<int64_t> bounds =
             split_tiles(gt, off, sz.B, sz.Q, sz.C, a.tiles_per_image);
@@ -402,7 +403,7 @@ at::Tensor matching_cost_cpu(const at::Tensor& pred_logits, const at::Tensor& pr
           raise_non_finite<scalar_t, acc_t>(a.logits, a.boxes, sz.B, sz.Q, sz.C);
         }
       });
-  return out;
+  return out_buf;
 }
 
 TORCH_LIBRARY_IMPL(align_detr, CPU, m) { m.impl("matching_cost", &matching_cost_cpu); }

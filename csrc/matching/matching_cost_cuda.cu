@@ -8,9 +8,11 @@
 //
 // Data-dependent validation (non-finite predictions or GT boxes, labels outside [0, C),
 // inconsistent gt_offsets) runs on the device first and sets bits of an error word; the cost
-// kernel does nothing when a bit is set (so bad offsets or labels are never used as indices),
-// and the host reads the word once at the end and raises. That read is the op's only device
-// sync, and the matcher copies the costs to the host right after anyway.
+// kernel does nothing when a bit is set (so bad offsets or labels are never used as indices).
+// With defer_errors the cost kernel also copies the word into the last element of the output,
+// and the op returns without waiting for the device: the caller (the matcher) learns of errors
+// from the one device-to-host copy of the costs it makes anyway. Without it the host reads the
+// word at the end and raises (the op's only device sync).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -20,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 
 #include "matching_cost.h"
 #include "matching_cost_math.h"
@@ -30,17 +33,10 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 4096;  // grid-stride loops beyond this
 
-enum ErrorBit : int {
-  kBadLogits = 1,
-  kBadPredBoxes = 2,
-  kBadGtBoxes = 4,
-  kBadLabels = 8,
-  kBadOffsets = 16,
-};
-
+// isfinite, not (v - v) == 0, which fast-math flags (NVCC_FLAGS=--use_fast_math) may fold.
 template <typename T>
 __device__ __forceinline__ bool finite_dev(T v) {
-  return (v - v) == T(0);  // false for NaN and +-inf
+  return isfinite(v);
 }
 
 // Validates everything that indexes memory or would poison the costs. Grid-stride over the
@@ -88,17 +84,16 @@ __global__ void matching_cost_check_kernel(const scalar_t* __restrict__ logits,
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void matching_cost_kernel(const scalar_t* __restrict__ logits,
-                                     const acc_t* __restrict__ pboxes,
-                                     const acc_t* __restrict__ gboxes,
-                                     const int64_t* __restrict__ labels,
-                                     const int64_t* __restrict__ offsets, int64_t B, int64_t Q,
-                                     int64_t C, int64_t sumG, acc_t class_weight,
-                                     acc_t bbox_weight, acc_t giou_weight, acc_t alpha,
-                                     acc_t gamma, const int* __restrict__ error,
-                                     acc_t* __restrict__ out) {
-  if (*error != 0) return;  // written by the check kernel earlier on this stream
+__global__ void matching_cost_kernel(
+    const scalar_t* __restrict__ logits, const acc_t* __restrict__ pboxes,
+    const acc_t* __restrict__ gboxes, const int64_t* __restrict__ labels,
+    const int64_t* __restrict__ offsets, int64_t B, int64_t Q, int64_t C, int64_t sumG,
+    acc_t class_weight, acc_t bbox_weight, acc_t giou_weight, acc_t alpha, acc_t gamma,
+    const int* __restrict__ error, acc_t* __restrict__ out, bool defer_errors) {
+  const int bits = *error;  // written by the check kernel earlier on this stream
   const int64_t total = Q * sumG;
+  if (defer_errors && blockIdx.x == 0 && threadIdx.x == 0) out[total] = static_cast<acc_t>(bits);
+  if (bits != 0) return;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
     // Output i is (GT g, query q) with i = g * Q + q (image blocks are GT-major and laid end
@@ -135,60 +130,49 @@ int blocks_for(int64_t n) {
 
 at::Tensor matching_cost_cuda(const at::Tensor& pred_logits, const at::Tensor& pred_boxes,
                               const at::Tensor& gt_labels, const at::Tensor& gt_boxes,
-                              const at::Tensor& gt_offsets, double class_weight,
-                              double bbox_weight, double giou_weight, double alpha,
-                              double gamma) {
-  const MatchingCostSizes sz =
-      check_matching_cost_inputs(pred_logits, pred_boxes, gt_labels, gt_boxes, gt_offsets);
-  const c10::cuda::CUDAGuard guard(pred_logits.device());
-  const at::ScalarType acc_type = matching_cost_dtype(pred_logits, pred_boxes);
-  at::Tensor logits = pred_logits.contiguous();
-  if (acc_type == at::kDouble) logits = logits.to(at::kDouble);
-  const at::Tensor boxes = pred_boxes.to(acc_type).contiguous();
-  const at::Tensor gboxes = gt_boxes.to(acc_type).contiguous();
-  const at::Tensor labels = gt_labels.contiguous();
-  const at::Tensor offsets = gt_offsets.contiguous();
-
-  at::Tensor out = at::empty({sz.Q * sz.sumG}, pred_logits.options().dtype(acc_type));
+                              const at::Tensor& gt_offsets, double class_weight, double bbox_weight,
+                              double giou_weight, double alpha, double gamma, bool defer_errors) {
+  // The dispatcher picks this kernel when any input is on a GPU; the validation names the
+  // argument on the wrong device.
+  std::optional<c10::cuda::CUDAGuard> guard;
+  if (pred_logits.is_cuda()) guard.emplace(pred_logits.device());
+  const MatchingCostInputs in =
+      prepare_matching_cost(pred_logits, pred_boxes, gt_labels, gt_boxes, gt_offsets);
+  TORCH_CHECK(pred_logits.is_cuda(), "matching_cost: the CUDA kernel got pred_logits on ",
+              pred_logits.device());
+  const MatchingCostSizes& sz = in.sz;
+  const int64_t n_out = sz.Q * sz.sumG;
+  at::Tensor out =
+      at::empty({n_out + (defer_errors ? 1 : 0)}, pred_logits.options().dtype(in.cost_dtype));
   at::Tensor error = at::zeros({1}, pred_logits.options().dtype(at::kInt));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, logits.scalar_type(), "matching_cost_cuda", [&] {
+      at::kHalf, at::kBFloat16, in.logits.scalar_type(), "matching_cost_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         const int64_t n_logits = sz.B * sz.Q * sz.C;
         const int64_t n_pboxes = sz.B * sz.Q * 4;
         const int64_t n_check = n_logits + n_pboxes + 5 * sz.sumG + sz.B + 1;
-        matching_cost_check_kernel<scalar_t, acc_t>
-            <<<blocks_for(n_check), kThreads, 0, stream>>>(
-                logits.const_data_ptr<scalar_t>(), boxes.const_data_ptr<acc_t>(),
-                gboxes.const_data_ptr<acc_t>(), labels.const_data_ptr<int64_t>(),
-                offsets.const_data_ptr<int64_t>(), n_logits, n_pboxes, sz.B, sz.C, sz.sumG,
-                error.data_ptr<int>());
+        matching_cost_check_kernel<scalar_t, acc_t><<<blocks_for(n_check), kThreads, 0, stream>>>(
+            in.logits.const_data_ptr<scalar_t>(), in.boxes.const_data_ptr<acc_t>(),
+            in.gt_boxes.const_data_ptr<acc_t>(), in.gt_labels.const_data_ptr<int64_t>(),
+            in.gt_offsets.const_data_ptr<int64_t>(), n_logits, n_pboxes, sz.B, sz.C, sz.sumG,
+            error.data_ptr<int>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        const int64_t n_out = sz.Q * sz.sumG;
-        if (n_out > 0) {
-          matching_cost_kernel<scalar_t, acc_t><<<blocks_for(n_out), kThreads, 0, stream>>>(
-              logits.const_data_ptr<scalar_t>(), boxes.const_data_ptr<acc_t>(),
-              gboxes.const_data_ptr<acc_t>(), labels.const_data_ptr<int64_t>(),
-              offsets.const_data_ptr<int64_t>(), sz.B, sz.Q, sz.C, sz.sumG,
-              static_cast<acc_t>(class_weight), static_cast<acc_t>(bbox_weight),
-              static_cast<acc_t>(giou_weight), static_cast<acc_t>(alpha),
-              static_cast<acc_t>(gamma), error.const_data_ptr<int>(), out.data_ptr<acc_t>());
+        // Launched even for an empty output when the error word has to be copied out.
+        if (n_out > 0 || defer_errors) {
+          matching_cost_kernel<scalar_t, acc_t>
+              <<<std::max(1, blocks_for(n_out)), kThreads, 0, stream>>>(
+                  in.logits.const_data_ptr<scalar_t>(), in.boxes.const_data_ptr<acc_t>(),
+                  in.gt_boxes.const_data_ptr<acc_t>(), in.gt_labels.const_data_ptr<int64_t>(),
+                  in.gt_offsets.const_data_ptr<int64_t>(), sz.B, sz.Q, sz.C, sz.sumG,
+                  static_cast<acc_t>(class_weight), static_cast<acc_t>(bbox_weight),
+                  static_cast<acc_t>(giou_weight), static_cast<acc_t>(alpha),
+                  static_cast<acc_t>(gamma), error.const_data_ptr<int>(), out.data_ptr<acc_t>(),
+                  defer_errors);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       });
-  const int bits = error.item<int>();  // the one sync of this op
-  TORCH_CHECK(!(bits & kBadLogits),
-              "matching_cost: pred_logits contains non-finite values (NaN or inf)");
-  TORCH_CHECK(!(bits & kBadPredBoxes),
-              "matching_cost: pred_boxes contains non-finite values (NaN or inf)");
-  TORCH_CHECK(!(bits & kBadGtBoxes),
-              "matching_cost: gt_boxes contains non-finite values (NaN or inf)");
-  TORCH_CHECK(!(bits & kBadLabels), "matching_cost: gt_labels has values outside [0, C) = [0, ",
-              sz.C, ")");
-  TORCH_CHECK(!(bits & kBadOffsets),
-              "matching_cost: gt_offsets must start at 0, be non-decreasing and end at sumG = ",
-              sz.sumG);
+  if (!defer_errors) raise_matching_cost_error(error.item<int>(), sz);  // the one sync
   return out;
 }
 

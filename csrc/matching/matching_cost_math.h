@@ -81,8 +81,8 @@ ALIGN_DETR_HD T focal_class_cost(T logit, T alpha, T gamma) {
 // A box in both forms; corners and area use the sizes clamped at 0 (see the file comment).
 template <typename T>
 struct Box {
-  T cx, cy, w, h;      // as given (normalised cxcywh), used by the L1 term
-  T x0, y0, x1, y1;    // xyxy corners
+  T cx, cy, w, h;    // as given (normalised cxcywh), used by the L1 term
+  T x0, y0, x1, y1;  // xyxy corners
   T area;
 };
 

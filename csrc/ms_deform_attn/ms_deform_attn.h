@@ -1,10 +1,14 @@
-// Multi-scale deformable attention: op declarations and input validation shared by the CPU and
-// CUDA launchers. The contract (shapes, sampling convention) is in DESIGN.md.
+// Multi-scale deformable attention: the validated inputs of one call and the launchers' entry
+// points. Schemas and validation are in ms_deform_attn_ops.cpp; the contract (shapes, sampling
+// convention) is documented there and in docs/design.md.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
+#include <array>
+#include <cstdint>
 #include <tuple>
+#include <vector>
 
 namespace align_detr {
 
@@ -19,17 +23,36 @@ struct MSDeformAttnSizes {
   int64_t P;   // points per level
 };
 
-// Checks ranks, sizes, dtypes, devices, and that spatial_shapes / level_start_index describe
-// exactly S rows (read on the host). Raises a c10::Error naming the offending argument.
-MSDeformAttnSizes check_ms_deform_attn_inputs(const at::Tensor& value,
-                                              const at::Tensor& spatial_shapes,
-                                              const at::Tensor& level_start_index,
-                                              const at::Tensor& sampling_locations,
-                                              const at::Tensor& attention_weights);
+// The level table, read and validated on the host: level l covers value rows
+// [start[l], start[l] + H[l] * W[l]). Every H * W fits in int32 (the kernels index pixels of one
+// level with 32-bit integers).
+struct LevelTable {
+  std::vector<int64_t> H, W, start;
+};
 
-// Checks grad_output of the backward against the forward sizes.
-void check_ms_deform_attn_grad_output(const at::Tensor& grad_output, const at::Tensor& value,
-                                      const MSDeformAttnSizes& sz);
+// Validated inputs of one call, made contiguous (the common prologue of the CPU and CUDA
+// launchers).
+struct MSDeformAttnInputs {
+  MSDeformAttnSizes sz;
+  LevelTable levels;
+  at::Tensor value, loc, attn;
+  at::Tensor grad_output;  // backward only
+};
+
+// Checks ranks, sizes, dtypes and devices, reads the level table on the host (no device sync
+// when spatial_shapes / level_start_index are CPU tensors, the recommended form for CUDA
+// inputs; a device-resident table costs one blocking copy) and checks that it describes exactly
+// S rows. grad_output is checked when given (backward). Raises a c10::Error naming the
+// offending argument.
+MSDeformAttnInputs prepare_ms_deform_attn(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                          const at::Tensor& level_start_index,
+                                          const at::Tensor& sampling_locations,
+                                          const at::Tensor& attention_weights,
+                                          const at::Tensor* grad_output);
+
+// Gradients the backward computes: {value, sampling_locations, attention_weights}. A gradient
+// that is not asked for comes back as an empty (0-element) tensor.
+using GradMask = std::array<bool, 3>;
 
 at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                       const at::Tensor& level_start_index,
@@ -37,8 +60,8 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
                                       const at::Tensor& attention_weights);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
-    const at::Tensor& value, const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
-    const at::Tensor& attention_weights, const at::Tensor& grad_output);
+    const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+    const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+    const at::Tensor& grad_output, GradMask output_mask);
 
 }  // namespace align_detr

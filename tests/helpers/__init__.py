@@ -4,7 +4,7 @@ from align_detr.utils.synthetic import batched_input, synthetic_image
 
 from .coco import register_coco, unregister, write_coco
 from .configs import ROOT, config_path, repo_cfg, tiny_cfg
-from .scripts import load_script
+from .scripts import load_script, run_train_net
 
 __all__ = [
     "ROOT",
@@ -13,6 +13,7 @@ __all__ = [
     "load_script",
     "register_coco",
     "repo_cfg",
+    "run_train_net",
     "synthetic_image",
     "tiny_cfg",
     "unregister",

@@ -14,3 +14,12 @@ def load_script(relpath: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_train_net(argv):
+    """``train_net.main`` on a command line (a list of strings), in this process."""
+    from detectron2.engine import default_argument_parser
+
+    import train_net
+
+    return train_net.main(default_argument_parser().parse_args(argv))
