@@ -65,8 +65,10 @@ ext: $(STAMP)
 test: setup
 	$(QS_ENV) $(PY) -m pytest -q tests
 
+# transformers: Hugging Face's Deformable DETR, the reference of benchmarks/model.py.
 bench: setup
-	$(PY) benchmarks/run_all.py
+	$(PIP) install -q transformers
+	$(QS_ENV) $(PY) benchmarks/run_all.py
 
 # The main job on real data (see README "Quickstart"); a re-run starts over in $(QS_OUT).
 quickstart: setup

@@ -8,7 +8,8 @@ only ratios from one run mean something:
   the grid_sample formulation, forward and forward + backward;
 * matching.py: its quick preset (3 repetitions) of one Align-DETR training step's matching
   against the usual PyTorch cost + SciPy, for 5 / 20 / 50 / 100 GT per image;
-* model.py: the full DINO-R50 model, inference and one training step on one image (``--size``,
+* model.py: the full DINO-R50 model against Hugging Face's Deformable DETR, fp32 and bf16,
+  inference and one training step on one image (``--size``,
   one timed repetition; it has no reference formulation).
 
     python benchmarks/run_all.py [--out benchmarks/RESULTS.md] [--size 512] [--skip-model]
@@ -52,14 +53,22 @@ def collect(size: int = 512, skip_model: bool = False):
         note = f"cost alone {r['cost_ratio']:.1f}x"
         rows.append(("matching", r["name"], r["ours_s"], r["reference_s"], note))
     if not skip_model:
-        for r in model.run(size=size, repeat=1):
+        measured = model.run(size=size, repeat=1)
+        times = {(r["impl"], r["precision"], r["mode"]): r["median_s"] for r in measured}
+        for r in measured:
+            if r["impl"] != "ours":
+                continue
+            # Reference: Hugging Face's Deformable DETR (same precision) when it was measured.
+            ref = times.get(("hf", r["precision"], r["mode"]))
             note = f"peak RSS {r['peak_rss_mb']:.0f} MB, {r['params'] / 1e6:.1f} M params"
+            if ref is not None:
+                note += "; reference: HF DeformableDetr"
             rows.append(
                 (
-                    "model (DINO-R50)",
-                    f"{r['mode']}, 1 image {size}x{size}",
+                    "model (DINO-R50, no DN)",
+                    f"{r['mode']}, {r['precision']}, 1 image {size}x{size}",
                     r["median_s"],
-                    None,
+                    ref,
                     note,
                 )
             )

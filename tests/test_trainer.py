@@ -254,3 +254,33 @@ def test_check_inputs_builtin_coco():
         train_net.check_inputs(_cfg("dino_r50.yaml"), eval_only=True)
     assert "'coco_2017_val' (DATASETS.TEST): annotation file not found: " in str(e.value)
     assert os.path.abspath(val_json) in str(e.value) and "cocodataset.org" in str(e.value)
+
+
+def test_amp_on_cpu_trains_in_bfloat16_with_fp32_weights_and_losses(tmp_path):
+    import train_driver
+
+    data_dir = str(tmp_path / "data")
+    train_driver.register(data_dir)
+    args = train_driver.train_args(
+        str(tmp_path / "out"), ["SOLVER.AMP.ENABLED", "True", "SOLVER.MAX_ITER", "2"]
+    )
+    cfg = train_net.setup(args)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    seen = {}
+    model = trainer.model
+    def record_ffn(module, inputs, output):
+        seen.setdefault("ffn", output.dtype)
+
+    model.transformer.decoder.layers[0].cross.ffn.linear1.register_forward_hook(record_ffn)
+    forward = model.criterion.forward
+
+    def criterion(outputs, targets):
+        seen.setdefault("logits", outputs["layers"][-1]["pred_logits"].dtype)
+        return forward(outputs, targets)
+
+    model.criterion.forward = criterion
+    trainer.train()
+    assert seen == {"ffn": torch.bfloat16, "logits": torch.float32}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))

@@ -51,6 +51,25 @@ class _CheckedAMPTrainer(FiniteLossCheckMixin, AMPTrainer):
     check_losses = staticmethod(check_finite_losses)
 
 
+class _CheckedCPUAutocastTrainer(FiniteLossCheckMixin, SimpleTrainer):
+    """``SOLVER.AMP.ENABLED`` on the CPU: the step runs under bfloat16 autocast (matrix products
+    and convolutions in bf16, AMX where the CPU has it), with fp32 master weights and
+    optimizer state; bfloat16 has fp32's range, so no gradient scaling is needed. (detectron2's
+    AMPTrainer is CUDA-only.)"""
+
+    check_losses = staticmethod(check_finite_losses)
+
+    def run_step(self):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            super().run_step()
+
+
+def _trainer_type(cfg, device: torch.device):
+    if not cfg.SOLVER.AMP.ENABLED:
+        return _CheckedSimpleTrainer
+    return _CheckedAMPTrainer if device.type == "cuda" else _CheckedCPUAutocastTrainer
+
+
 class Trainer(DefaultTrainer):
     """``DefaultTrainer`` with the DETR data pipeline, COCO evaluation and the DETR optimizer,
     plus what exact resume and CPU multi-process training need.
@@ -89,8 +108,7 @@ class Trainer(DefaultTrainer):
             find_unused_parameters=_may_leave_parameters_unused(cfg),
             **({} if device.type == "cuda" else {"device_ids": None}),
         )
-        trainer_type = _CheckedAMPTrainer if cfg.SOLVER.AMP.ENABLED else _CheckedSimpleTrainer
-        self._trainer = trainer_type(model, data_loader, optimizer)
+        self._trainer = _trainer_type(cfg, device)(model, data_loader, optimizer)
 
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))

@@ -25,6 +25,17 @@ from .bases import BASE_REGISTRY
 __all__ = ["AlignDETR", "build_criterion"]
 
 
+def _to_float(x):
+    """The floating tensors of a nested dict / list structure as float32."""
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.is_floating_point() else x
+    if isinstance(x, dict):
+        return {k: _to_float(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_float(v) for v in x)
+    return x
+
+
 def build_criterion(cfg, num_matched_outputs: int) -> SetCriterion:
     """The set criterion of the config, for a base with ``num_matched_outputs`` outputs."""
     c = cfg.MODEL.ALIGN_DETR
@@ -160,7 +171,10 @@ class AlignDETR(nn.Module):
         targets = self.prepare_targets(batched_inputs, images) if self.training else None
         outputs = self.transformer(srcs, masks, pos, self.heads, targets)
         if self.training:
-            return self.criterion(outputs, targets)
+            # Matching and losses in fp32, also under mixed precision (sigmoids of saturated
+            # logits, IoUs of small boxes and the assignment need the precision).
+            with torch.autocast(self.device.type, enabled=False):
+                return self.criterion(_to_float(outputs), targets)
         return self.postprocess(outputs["layers"][-1], images.image_sizes, batched_inputs)
 
     def postprocess(self, out, image_sizes, batched_inputs):
