@@ -160,7 +160,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
                 f"Checkpoint {source} (it looks like {described}) leaves {len(other)} "
                 f"parameter(s) of this model unloaded, e.g. {other[:5]}. It is a detection "
                 "checkpoint of another architecture or config (check MODEL.ALIGN_DETR.* against "
-                "the checkpoint's: layers, d_model, queries, levels, SD-DETR options)."
+                "the checkpoint's: base, layers, d_model, queries, levels, SD-DETR options), or "
+                "the file is incomplete."
                 if detection
                 else f"Checkpoint {source} leaves {len(other)} parameter(s) of this model "
                 f"unloaded, e.g. {other[:5]}; evaluating needs every weight."
