@@ -133,6 +133,9 @@ def add_align_detr_config(cfg):
     # DETR data pipeline: short sides of the resize before the random crop, in the crop branch
     # (detectron2's INPUT.CROP.* keys configure the crop itself).
     cfg.INPUT.CROP_PRE_RESIZE = (400, 500, 600)
+    # Top-down imagery (aerial, satellite): rotate training images by a random multiple of 90
+    # degrees (with RANDOM_FLIP "horizontal", all eight symmetries of the square).
+    cfg.INPUT.RANDOM_ROTATE_90 = False
 
 
 def load_config(config_file: str, opts: Sequence[str] = (), freeze: bool = True):

@@ -11,7 +11,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 from helpers import repo_cfg
 
-from align_detr.data import DetrDatasetMapper
+from align_detr.data import DetrDatasetMapper, build_detr_augmentations
 
 H, W = 60, 80
 # Distinct constant channels, written in OpenCV's BGR order, to check the channel order.
@@ -145,3 +145,32 @@ def test_random_pipeline_from_config(dataset_dict):
         )
     # The uncropped image keeps its 4:3 shape; crops give other aspect ratios.
     assert round(W / H, 2) in aspect_ratios and len(aspect_ratios) > 1
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3])
+def test_rotation90_moves_pixels_and_boxes_together(k):
+    from align_detr.data.transforms import Rotation90Transform
+
+    h, w = 6, 10
+    image = np.zeros((h, w, 3), dtype=np.uint8)
+    box = np.array([[2, 1, 5, 4]], dtype=np.float64)  # xyxy: pixels x 2..4, y 1..3
+    image[1:4, 2:5] = 255
+    t = Rotation90Transform(h, w, k)
+    out = t.apply_image(image)
+    assert out.shape[:2] == ((w, h) if k % 2 else (h, w))
+    (x0, y0, x1, y1) = t.apply_box(box)[0]
+    ys, xs = np.nonzero(out[..., 0])
+    assert (x0, y0, x1, y1) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    assert np.array_equal(t.inverse().apply_image(out), image)
+    np.testing.assert_allclose(t.inverse().apply_box(t.apply_box(box)), box)
+
+
+def test_random_rotation90_in_the_training_pipeline():
+    cfg = repo_cfg("Base-AlignDETR.yaml", "INPUT.RANDOM_ROTATE_90", "True")
+    augs, augs_with_crop = build_detr_augmentations(cfg, is_train=True)
+    from align_detr.data.transforms import RandomRotation90
+
+    assert [type(a) for a in augs][:2] == [T.RandomFlip, RandomRotation90]
+    assert any(isinstance(a, RandomRotation90) for a in augs_with_crop)
+    test_augs, _ = build_detr_augmentations(cfg, is_train=False)
+    assert not any(isinstance(a, RandomRotation90) for a in test_augs)

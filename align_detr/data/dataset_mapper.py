@@ -17,18 +17,23 @@ from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
+from .transforms import RandomRotation90
+
 __all__ = ["DetrDatasetMapper", "build_detr_augmentations"]
 
 
 def _flip(cfg) -> List[T.Augmentation]:
-    if cfg.INPUT.RANDOM_FLIP == "none":
-        return []
-    return [
-        T.RandomFlip(
-            horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal",
-            vertical=cfg.INPUT.RANDOM_FLIP == "vertical",
+    augs = []
+    if cfg.INPUT.RANDOM_FLIP != "none":
+        augs.append(
+            T.RandomFlip(
+                horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal",
+                vertical=cfg.INPUT.RANDOM_FLIP == "vertical",
+            )
         )
-    ]
+    if cfg.INPUT.RANDOM_ROTATE_90:
+        augs.append(RandomRotation90())
+    return augs
 
 
 def build_detr_augmentations(cfg, is_train: bool):
