@@ -38,7 +38,9 @@ def add_align_detr_config(cfg):
     cfg.MODEL.ALIGN_DETR = CN()
     c = cfg.MODEL.ALIGN_DETR
     # The base detector (a name in align_detr.modeling.BASE_REGISTRY): "DINO" is DINO-style
-    # deformable DETR (4 scales, two-stage, mixed queries, CDN, box refinement).
+    # deformable DETR (4 scales, two-stage, mixed queries, CDN, box refinement);
+    # "HDeformableDETR" is H-Deformable-DETR (two-stage, box refinement, mixed queries,
+    # look-forward-twice, the hybrid one-to-many branch of HYBRID, no denoising).
     c.BASE = "DINO"
     # Number of foreground classes (80 for COCO); no background class (sigmoid scores).
     c.NUM_CLASSES = 80
@@ -86,6 +88,19 @@ def add_align_detr_config(cfg):
     c.DN.LABEL_NOISE_RATIO = 0.5
     c.DN.BOX_NOISE_SCALE = 1.0
 
+    # H-Deformable-DETR's hybrid branch (BASE "HDeformableDETR" only): a second query group,
+    # kept apart from the NUM_QUERIES one-to-one queries in self-attention, trained one-to-many
+    # and dropped at inference.
+    c.HYBRID = CN()
+    c.HYBRID.NUM_QUERIES = 1500
+    # Queries per GT in that branch (H-DETR repeats every GT K times for its Hungarian matcher).
+    c.HYBRID.K = 6
+    # Weight of the one-to-many loss terms (H-DETR's lambda_one2many).
+    c.HYBRID.WEIGHT = 1.0
+    # Rank weights exp(-rank / LOSS.TAU) among each GT's K one-to-many positives, on the target
+    # and the box terms (Align-DETR on H-DETR); H-DETR itself weighs them all 1.
+    c.HYBRID.RANK_WEIGHTS = False
+
     # Matching costs (focal class cost, L1, GIoU), shared by every matched output.
     c.MATCHER = CN()
     c.MATCHER.COST_CLASS = 2.0
@@ -126,6 +141,9 @@ def add_align_detr_config(cfg):
     # Optimiser extras (detectron2's SOLVER has the rest).
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    # Learning-rate factor of the deformable attentions' sampling-offset projections (Deformable
+    # / H-Deformable DETR's lr_linear_proj_mult: 0.1; DINO / Align-DETR: 1).
+    cfg.SOLVER.LINEAR_PROJ_MULTIPLIER = 1.0
     # Weight decay of embeddings (nn.Embedding, *embed* parameters); norms use WEIGHT_DECAY_NORM.
     # The released DINO / Align-DETR recipe decays everything but norms: 1e-4, as WEIGHT_DECAY.
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 1e-4

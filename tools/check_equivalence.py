@@ -74,7 +74,8 @@ def config_opts(arch: Dict) -> List[str]:
             a + "DECODER.N_POINTS": arch["dec_n_points"],
             a + "DECODER.DIM_FEEDFORWARD": arch["dec_ffn_dim"],
             a + "DECODER.DROPOUT": arch["dropout"],
-            a + "DN.ENABLED": arch["dn"]["enabled"],
+            # models without denoising (H-Deformable-DETR) have no "dn" entry
+            a + "DN.ENABLED": arch.get("dn", {"enabled": False})["enabled"],
             a + "LOSS.TYPE": _LOSS_TYPES[arch["loss_type"]],
             a + "LOSS.MATCH_K": list(arch["match_k"]),
             a + "MATCHER.COST_CLASS": arch["matcher"]["cost_class"],
@@ -90,6 +91,12 @@ def config_opts(arch: Dict) -> List[str]:
     if arch["loss_type"] == "align":
         opts[a + "LOSS.TAU"] = arch["tau"]
         opts[a + "LOSS.ALPHA"] = arch["align_alpha"]
+    if "num_queries_one2many" in arch:  # H-Deformable-DETR and its hybrid branch
+        opts[a + "BASE"] = "HDeformableDETR"
+        opts[a + "NUM_QUERIES"] = arch["num_queries_one2one"]
+        opts[a + "HYBRID.NUM_QUERIES"] = arch["num_queries_one2many"]
+        opts[a + "HYBRID.K"] = arch["k_one2many"]
+        opts[a + "HYBRID.WEIGHT"] = arch["lambda_one2many"]
     return [str(x) for kv in opts.items() for x in kv]
 
 

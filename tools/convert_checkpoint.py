@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 # Copyright (c) align-detr contributors.
 """Converts checkpoints between this project's names and detrex's (detrex DINO, the official
-Align-DETR), both ways.
+Align-DETR, detrex H-Deformable-DETR), both ways.
 
 Loading through ``MODEL.WEIGHTS`` already converts in memory; this writes the converted file,
 e.g. to evaluate a model trained here with detrex's tools::
@@ -22,9 +22,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from align_detr.formats import FORMATS, detect_format, from_ours, to_ours  # noqa: E402
+from align_detr.formats import (  # noqa: E402
+    FORMATS,
+    detect_format,
+    detrex_format_of,
+    from_ours,
+    to_ours,
+)
 
-_TARGETS = {"ours": None, "detrex": "detrex-dino"}
+#: --to choices; "detrex" picks detrex DINO or H-Deformable-DETR by the checkpoint's base.
+_TARGETS = ("ours", "detrex")
 
 
 def convert(src: str, dst: str, to: str = "ours") -> str:
@@ -42,8 +49,9 @@ def convert(src: str, dst: str, to: str = "ours") -> str:
     else:
         if fmt != "ours":
             raise ValueError(f"{src} is already in another format ({FORMATS[fmt][0]})")
-        out = from_ours(state, _TARGETS[to])
-        what = f"align-detr -> {FORMATS[_TARGETS[to]][0]}"
+        target = detrex_format_of(state)
+        out = from_ours(state, target)
+        what = f"align-detr -> {FORMATS[target][0]}"
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     torch.save({"model": out}, dst)
     return f"{src} ({len(state)} tensors) -> {dst} ({len(out)} tensors): {what}"

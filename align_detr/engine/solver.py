@@ -41,6 +41,7 @@ def get_detr_optimizer_params(
     weight_decay_norm: float = 0.0,
     weight_decay_embed: float = 0.0,
     backbone_multiplier: float = 0.1,
+    linear_proj_multiplier: float = 1.0,
 ) -> List[Dict[str, Any]]:
     """Parameter groups of the DETR recipe.
 
@@ -57,6 +58,8 @@ def get_detr_optimizer_params(
         weight_decay_embed (float): weight decay of nn.Embedding weights and of parameters whose
             own name contains "embed".
         backbone_multiplier (float): learning-rate factor of the backbone.
+        linear_proj_multiplier (float): learning-rate factor of the deformable attentions'
+            sampling-offset projections (names containing "sampling_offsets").
 
     Returns:
         list[dict]: parameter groups (``params``, ``lr``, ``weight_decay``), merged so that
@@ -77,6 +80,8 @@ def get_detr_optimizer_params(
                 wd = weight_decay_embed
             if "backbone" in full_name:
                 lr = base_lr * backbone_multiplier
+            elif "sampling_offsets" in full_name:
+                lr = base_lr * linear_proj_multiplier
             params.append({"params": [value], "lr": lr, "weight_decay": wd})
     return reduce_param_groups(params)
 
@@ -123,8 +128,8 @@ def build_detr_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
 
     Args:
         cfg (CfgNode): the config; reads ``SOLVER.{OPTIMIZER, BASE_LR, WEIGHT_DECAY,
-            WEIGHT_DECAY_NORM, WEIGHT_DECAY_EMBED, BACKBONE_MULTIPLIER, MOMENTUM, NESTEROV,
-            CLIP_GRADIENTS}``.
+            WEIGHT_DECAY_NORM, WEIGHT_DECAY_EMBED, BACKBONE_MULTIPLIER, LINEAR_PROJ_MULTIPLIER,
+            MOMENTUM, NESTEROV, CLIP_GRADIENTS}``.
         model (nn.Module): the model.
 
     Returns:
@@ -140,6 +145,7 @@ def build_detr_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
         weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
         weight_decay_embed=cfg.SOLVER.WEIGHT_DECAY_EMBED,
         backbone_multiplier=cfg.SOLVER.BACKBONE_MULTIPLIER,
+        linear_proj_multiplier=cfg.SOLVER.LINEAR_PROJ_MULTIPLIER,
     )
     name = cfg.SOLVER.OPTIMIZER.upper()
     if name == "ADAMW":

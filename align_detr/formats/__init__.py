@@ -10,11 +10,24 @@ ways.
 from typing import Dict, Tuple
 
 from .detrex_dino import detrex_dino_to_ours, is_detrex_dino, ours_to_detrex_dino
+from .detrex_h_deformable import (
+    detrex_h_deformable_to_ours,
+    is_detrex_h_deformable,
+    is_ours_h_deformable,
+    ours_to_detrex_h_deformable,
+)
 
-__all__ = ["FORMATS", "detect_format", "from_ours", "to_ours"]
+__all__ = ["FORMATS", "detect_format", "detrex_format_of", "from_ours", "to_ours"]
 
-#: name -> (description, detect(state) -> bool, to_ours(state), from_ours(state))
+#: name -> (description, detect(state) -> bool, to_ours(state), from_ours(state)). Tried in
+#: order: H-Deformable-DETR's names include DINO's markers, so it comes first.
 FORMATS = {
+    "detrex-h-deformable": (
+        "detrex H-Deformable-DETR (detrex names)",
+        is_detrex_h_deformable,
+        detrex_h_deformable_to_ours,
+        ours_to_detrex_h_deformable,
+    ),
     "detrex-dino": (
         "detrex DINO / official Align-DETR (detrex names)",
         is_detrex_dino,
@@ -46,3 +59,8 @@ def from_ours(state: Dict, fmt: str) -> Dict:
     if fmt not in FORMATS:
         raise ValueError(f"unknown checkpoint format {fmt!r}; known: {sorted(FORMATS)}")
     return FORMATS[fmt][3](state)
+
+
+def detrex_format_of(state: Dict) -> str:
+    """The detrex format that one of our state dicts converts to (by its base detector)."""
+    return "detrex-h-deformable" if is_ours_h_deformable(state) else "detrex-dino"

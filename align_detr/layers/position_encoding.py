@@ -50,14 +50,19 @@ class PositionEmbeddingSine(nn.Module):
         return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
 
 
-def box_sine_embedding(boxes: torch.Tensor, d_model: int, temperature: float = 10000.0):
+def box_sine_embedding(
+    boxes: torch.Tensor, d_model: int, temperature: float = 10000.0, yx_order: bool = True
+):
     """Sine encoding of normalised boxes, d_model / 2 features per coordinate.
 
     Args:
         boxes: (N, Q, 4) normalised (cx, cy, w, h) or (N, Q, 2) points.
+        yx_order: put y before x, as DINO does; Deformable / H-Deformable DETR's proposal
+            embedding keeps the (x, y, w, h) order.
 
     Returns:
-        (N, Q, boxes.shape[-1] * d_model / 2), coordinates ordered (y, x, w, h) as in DINO.
+        (N, Q, boxes.shape[-1] * d_model / 2), coordinates ordered (y, x, w, h) as in DINO, or
+        (x, y, w, h) with ``yx_order=False``.
     """
     half = d_model // 2
     dim_t = torch.arange(half, dtype=torch.float32, device=boxes.device)
@@ -66,6 +71,6 @@ def box_sine_embedding(boxes: torch.Tensor, d_model: int, temperature: float = 1
     for i in range(boxes.shape[-1]):
         e = boxes[..., i, None].float() * (2 * math.pi) / dim_t
         embeds.append(torch.stack((e[..., 0::2].sin(), e[..., 1::2].cos()), dim=-1).flatten(-2))
-    if len(embeds) >= 2:
+    if yx_order and len(embeds) >= 2:
         embeds[0], embeds[1] = embeds[1], embeds[0]  # (y, x, ...) order
     return torch.cat(embeds, dim=-1)

@@ -2,9 +2,10 @@
 """The set criterion: matching plus classification and box losses for every output.
 
 Outputs of one forward pass (see AlignDETR.forward): the encoder proposals, each decoder layer,
-and the DN queries of each decoder layer. The plan per output says how many queries each GT
-gets (k; 1 is one-to-one) and whether rank weights apply. The classification loss type is
-shared: "focal" (DINO), "align" (Align-DETR) or "tal" (SD-DETR's task-alignment loss).
+the DN queries of each decoder layer and, for H-Deformable-DETR, each decoder layer of the
+one-to-many (hybrid) query group. The plan per output says how many queries each GT gets (k; 1 is
+one-to-one) and whether rank weights apply. The classification loss type is shared: "focal"
+(DINO), "align" (Align-DETR) or "tal" (SD-DETR's task-alignment loss).
 """
 
 from typing import Dict, List, Optional, Sequence
@@ -53,6 +54,14 @@ class SetCriterion(nn.Module):
         gamma: focusing exponent of every loss type.
         tau: rank-weight temperature; weights apply to outputs with k > 1.
         dn_enabled: the model adds DN queries (their losses are always reported).
+        class_agnostic_enc: match and supervise the encoder output with every GT as class 0
+            (Deformable / H-Deformable DETR's two-stage proposals).
+        hybrid_k: H-DETR's one-to-many branch: queries per GT (its GT "repeated k times",
+            matched as k-to-one on the GT itself: the same optimum without a k times larger
+            cost matrix).
+        hybrid_weight: weight of every one-to-many loss term (H-DETR's lambda).
+        hybrid_rank_weighted: rank weights exp(-rank / tau) among each GT's k one-to-many
+            positives (Align-DETR on H-DETR); off in H-DETR itself.
     """
 
     def __init__(
@@ -69,6 +78,10 @@ class SetCriterion(nn.Module):
         gamma: float = 2.0,
         tau: float = 1.5,
         dn_enabled: bool = True,
+        class_agnostic_enc: bool = False,
+        hybrid_k: int = 6,
+        hybrid_weight: float = 1.0,
+        hybrid_rank_weighted: bool = False,
     ):
         super().__init__()
         if loss_type not in CLASS_LOSSES:
@@ -81,6 +94,11 @@ class SetCriterion(nn.Module):
             )
         if tau <= 0:
             raise ValueError(f"SetCriterion: tau must be > 0, got {tau}")
+        if int(hybrid_k) != hybrid_k or hybrid_k < 1 or hybrid_weight < 0:
+            raise ValueError(
+                f"SetCriterion: hybrid_k must be an integer >= 1 and hybrid_weight >= 0, got "
+                f"{hybrid_k} and {hybrid_weight}"
+            )
         self.num_classes = num_classes
         self.matcher = matcher
         self.match_k = [int(k) for k in match_k]
@@ -93,6 +111,10 @@ class SetCriterion(nn.Module):
         self.gamma = gamma
         self.tau = tau
         self.dn_enabled = dn_enabled
+        self.class_agnostic_enc = class_agnostic_enc
+        self.hybrid_k = int(hybrid_k)
+        self.hybrid_weight = hybrid_weight
+        self.hybrid_rank_weighted = hybrid_rank_weighted
 
     # ---- one output ------------------------------------------------------------------------
 
@@ -153,13 +175,18 @@ class SetCriterion(nn.Module):
 
     # ---- every output ----------------------------------------------------------------------
 
-    def num_boxes(self, targets, device) -> float:
-        """GT boxes per process, averaged over processes (at least 1)."""
+    def num_boxes(self, targets, device, clamp: bool = True) -> float:
+        """GT boxes per process, averaged over processes (at least 1 with ``clamp``)."""
         n = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
         world = comm.get_world_size()
         if world > 1:
             torch.distributed.all_reduce(n)
-        return max(n.item() / world, 1.0)
+        return max(n.item() / world, 1.0) if clamp else n.item() / world
+
+    @staticmethod
+    def _layer_suffixes(layers) -> List[str]:
+        """_0 .. _{N-2} for the intermediate decoder layers, "" for the last one."""
+        return [f"_{i}" for i in range(len(layers) - 1)] + [""]
 
     def forward(
         self, outputs: Dict, targets: List[Dict[str, torch.Tensor]]
@@ -174,12 +201,16 @@ class SetCriterion(nn.Module):
 
         Returns:
             loss dict: loss_{class,bbox,giou} for the final layer, with suffixes _0.._{N-2} for
-            the other layers, _enc for the encoder, _dn / _dn_i for DN.
+            the other layers, _enc for the encoder, _dn / _dn_i for DN, and the suffix
+            _one2many after those of the one-to-many layers ("one2many_layers", H-DETR).
         """
         layers = outputs["layers"]
-        named = [(f"_{i}", out) for i, out in enumerate(layers[:-1])] + [("", layers[-1])]
+        named = [(s, out, targets) for s, out in zip(self._layer_suffixes(layers), layers)]
         if outputs.get("enc") is not None:
-            named.insert(0, ("_enc", outputs["enc"]))
+            enc_targets = targets
+            if self.class_agnostic_enc:
+                enc_targets = [dict(t, labels=torch.zeros_like(t["labels"])) for t in targets]
+            named.insert(0, ("_enc", outputs["enc"], enc_targets))
         if len(self.match_k) != len(named):
             raise ValueError(
                 f"SetCriterion: match_k has {len(self.match_k)} entries but the model gave "
@@ -193,9 +224,20 @@ class SetCriterion(nn.Module):
             for name, value in parts.items():
                 losses[f"loss_{name}{prefix_suffix}"] = value
 
-        for (suffix, out), k in zip(named, self.match_k):
-            indices = self.matcher(out, targets, k=k)
-            add(suffix, self.output_losses(out, targets, indices, normalizer, rank_weighted=k > 1))
+        for (suffix, out, tgts), k in zip(named, self.match_k):
+            indices = self.matcher(out, tgts, k=k)
+            add(suffix, self.output_losses(out, tgts, indices, normalizer, rank_weighted=k > 1))
+
+        one2many: Optional[List] = outputs.get("one2many_layers")
+        if one2many is not None:
+            k = self.hybrid_k
+            # H-DETR normalises by the GT count of its repeated targets: k times the GT count
+            norm = max(self.num_boxes(targets, device, clamp=False) * k, 1.0)
+            ranked = self.hybrid_rank_weighted and k > 1
+            for suffix, out in zip(self._layer_suffixes(one2many), one2many):
+                indices = self.matcher(out, targets, k=k)
+                parts = self.output_losses(out, targets, indices, norm, rank_weighted=ranked)
+                add(suffix + "_one2many", {n: v * self.hybrid_weight for n, v in parts.items()})
 
         dn_layers: Optional[List] = outputs.get("dn_layers")
         dn_meta = outputs.get("dn_meta")

@@ -89,22 +89,34 @@ class DecoderLayer(nn.Module):
 class DeformableDecoder(nn.Module):
     """Runs the decoder layers with iterative box refinement.
 
-    Each layer's query position is an MLP of the sine embedding of its reference box; after each
-    layer the box heads refine the reference (the next layer starts from it detached; the next
-    layer's prediction adds its delta to it undetached: look-forward-twice).
+    Each layer's query position is an MLP of the sine embedding of its reference box (DINO), or
+    one fixed per-query tensor given to ``forward`` (Deformable / H-Deformable DETR, which embed
+    the initial proposal once); after each layer the box heads refine the reference (the next
+    layer starts from it detached; the next layer's prediction adds its delta to it undetached:
+    look-forward-twice).
 
     Args:
         layers: decoder layers taking ``(Streams, query_pos, reference_points, memory,
             self_attn_mask)`` and returning Streams.
         d_model: d.
+        final_norm: a LayerNorm shared by every layer's output (DINO); H-Deformable-DETR's heads
+            read the layer outputs as they are.
+        box_query_pos: build the query position from each layer's reference box (DINO's
+            ``ref_point_head``); without it ``forward`` needs ``query_pos``.
     """
 
-    def __init__(self, layers: List[nn.Module], d_model: int):
+    def __init__(
+        self,
+        layers: List[nn.Module],
+        d_model: int,
+        final_norm: bool = True,
+        box_query_pos: bool = True,
+    ):
         super().__init__()
         self.d_model = d_model
         self.layers = nn.ModuleList(layers)
-        self.norm = nn.LayerNorm(d_model)
-        self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
+        self.norm = nn.LayerNorm(d_model) if final_norm else nn.Identity()
+        self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2) if box_query_pos else None
 
     def forward(
         self,
@@ -113,6 +125,7 @@ class DeformableDecoder(nn.Module):
         memory: EncoderMemory,
         box_heads: nn.ModuleList,
         self_attn_mask: Optional[torch.Tensor] = None,
+        query_pos: Optional[torch.Tensor] = None,
     ) -> Tuple[List[Streams], List[torch.Tensor]]:
         """
         Args:
@@ -121,19 +134,26 @@ class DeformableDecoder(nn.Module):
             memory: the encoder output.
             box_heads: per-layer box MLPs used for refinement (reading the localisation stream).
             self_attn_mask: optional (Q, Q) bool.
+            query_pos: (N, Q, d) fixed query position of every layer; required without
+                ``box_query_pos``, ignored with it.
 
         Returns:
             hidden: per layer, the normalised (N, Q, d) outputs of each stream;
             references: per layer, the (N, Q, 4) sigmoid reference that layer's box head adds
                 its delta to (undetached from layer 2 on).
         """
+        if self.ref_point_head is None and query_pos is None:
+            raise ValueError("DeformableDecoder: built without box_query_pos, needs query_pos")
         reference = ref_unact.sigmoid()
         reference_for_loss = reference
         ratios = torch.cat([memory.valid_ratios, memory.valid_ratios], -1)[:, None]
         hidden, references = [], []
         for layer_id, layer in enumerate(self.layers):
             ref_input = reference[:, :, None] * ratios
-            query_pos = self.ref_point_head(box_sine_embedding(ref_input[:, :, 0], self.d_model))
+            if self.ref_point_head is not None:
+                query_pos = self.ref_point_head(
+                    box_sine_embedding(ref_input[:, :, 0], self.d_model)
+                )
             queries = layer(queries, query_pos, ref_input, memory, self_attn_mask)
             hidden.append(queries.map(self.norm))
             references.append(reference_for_loss)

@@ -36,8 +36,9 @@ def _to_float(x):
     return x
 
 
-def build_criterion(cfg, num_matched_outputs: int) -> SetCriterion:
-    """The set criterion of the config, for a base with ``num_matched_outputs`` outputs."""
+def build_criterion(cfg, num_matched_outputs: int, **base_options) -> SetCriterion:
+    """The set criterion of the config, for a base with ``num_matched_outputs`` outputs;
+    ``base_options``: the base's own SetCriterion arguments (``DetrBase.criterion_options``)."""
     c = cfg.MODEL.ALIGN_DETR
     matcher = HungarianMatcher(
         cost_class=c.MATCHER.COST_CLASS,
@@ -59,6 +60,7 @@ def build_criterion(cfg, num_matched_outputs: int) -> SetCriterion:
         gamma=c.LOSS.GAMMA,
         tau=c.LOSS.TAU,
         dn_enabled=c.DN.ENABLED,
+        **base_options,
     )
 
 
@@ -115,7 +117,9 @@ class AlignDETR(nn.Module):
         return {
             "backbone": backbone,
             **parts._asdict(),
-            "criterion": build_criterion(cfg, base.num_matched_outputs(cfg)),
+            "criterion": build_criterion(
+                cfg, base.num_matched_outputs(cfg), **base.criterion_options(cfg)
+            ),
             "num_select": cfg.MODEL.ALIGN_DETR.NUM_SELECT,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,

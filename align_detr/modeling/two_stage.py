@@ -8,7 +8,7 @@ Shapes: N images, S encoder tokens, K selected queries, d = d_model, C classes.
 """
 
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from .encoder import EncoderMemory
 from .streams import Streams
 
 __all__ = [
+    "SCORE_MODES",
     "SELECTION_MODES",
     "LearntContentQueries",
     "SelectedQueries",
@@ -73,12 +74,18 @@ class SelectedQueries:
         ref_unact: (N, K, 4) initial reference boxes in inverse-sigmoid space, detached.
         enc_logits: (N, K, C) the encoder head's logits of the selected tokens (for its loss).
         enc_boxes: (N, K, 4) their sigmoid boxes, undetached.
+        token_logits: (N, S, C) the encoder head's logits of every token (H-Deformable-DETR
+            supervises all of them).
+        token_boxes: (N, S, 4) the sigmoid boxes of every token, undetached (1 where invalid
+            with ``selection="all"``).
     """
 
     queries: Streams
     ref_unact: torch.Tensor
     enc_logits: torch.Tensor
     enc_boxes: torch.Tensor
+    token_logits: Optional[torch.Tensor] = None
+    token_boxes: Optional[torch.Tensor] = None
 
 
 class LearntContentQueries(nn.Module):
@@ -87,12 +94,19 @@ class LearntContentQueries(nn.Module):
     Args:
         num_queries: K.
         d_model: d.
+        init: "xavier" (the released DINO / Align-DETR code) or "normal" (nn.Embedding's
+            N(0, 1), as H-Deformable-DETR).
     """
 
-    def __init__(self, num_queries: int, d_model: int):
+    def __init__(self, num_queries: int, d_model: int, init: str = "xavier"):
         super().__init__()
+        if init not in ("xavier", "normal"):
+            raise ValueError(
+                f'LearntContentQueries: init must be "xavier" or "normal", got {init!r}'
+            )
         self.embed = nn.Embedding(num_queries, d_model)
-        nn.init.xavier_uniform_(self.embed.weight)  # as the released DINO / Align-DETR code
+        if init == "xavier":
+            nn.init.xavier_uniform_(self.embed.weight)
 
     def forward(self, memory: EncoderMemory, boxes: torch.Tensor, token_features: torch.Tensor):
         """Returns one stream of (N, K, d) content queries (boxes and features are unused)."""
@@ -102,6 +116,10 @@ class LearntContentQueries(nn.Module):
 
 #: Which encoder tokens two-stage selection may pick.
 SELECTION_MODES = ("all", "valid")
+
+#: What ranks the tokens: the max class logit (DINO) or the logit of class 0 (Deformable DETR /
+#: H-Deformable-DETR, whose encoder is trained class-agnostically with every GT as class 0).
+SCORE_MODES = ("max", "first")
 
 
 class TwoStageQuerySelector(nn.Module):
@@ -121,35 +139,50 @@ class TwoStageQuerySelector(nn.Module):
         content: module ``(memory, boxes (N, K, 4), token_features (N, K, d)) -> Streams``
             giving the content queries of the selected boxes.
         selection: "all" or "valid".
+        score: "max" or "first" (:data:`SCORE_MODES`).
     """
 
-    def __init__(self, d_model: int, num_queries: int, content: nn.Module, selection="all"):
+    def __init__(
+        self, d_model: int, num_queries: int, content: nn.Module, selection="all", score="max"
+    ):
         super().__init__()
         if selection not in SELECTION_MODES:
             raise ValueError(
                 f"TwoStageQuerySelector: selection must be one of {SELECTION_MODES}, got "
                 f"{selection!r}"
             )
+        if score not in SCORE_MODES:
+            raise ValueError(
+                f"TwoStageQuerySelector: score must be one of {SCORE_MODES}, got {score!r}"
+            )
         self.selection = selection
+        self.score = score
         self.num_queries = num_queries
         self.enc_output = nn.Linear(d_model, d_model)
         self.enc_output_norm = nn.LayerNorm(d_model)
         self.content = content
 
-    def forward(self, enc: EncoderMemory, class_head: nn.Module, box_head: nn.Module):
-        """Returns the :class:`SelectedQueries` of top-K tokens by max class logit."""
+    def forward(
+        self,
+        enc: EncoderMemory,
+        class_head: nn.Module,
+        box_head: nn.Module,
+        num_queries: Optional[int] = None,
+    ):
+        """Returns the :class:`SelectedQueries` of the top-K tokens by score (K =
+        ``num_queries`` when given, e.g. H-DETR's one-to-one + one-to-many count in training)."""
         memory = enc.memory
         proposals, valid = encoder_proposals(enc.padding_mask, enc.shapes, memory.dtype)
         output_memory = memory.masked_fill(~valid[..., None], 0.0)
         output_memory = self.enc_output_norm(self.enc_output(output_memory))
         logits = class_head(output_memory)  # (N, S, C)
-        scores = logits.max(-1)[0]
+        scores = logits.max(-1)[0] if self.score == "max" else logits[..., 0]
         if self.selection == "all":
             proposals = proposals.masked_fill(~valid[..., None], float("inf"))
         else:
             scores = scores.masked_fill(~valid, -1e4)
         coords_unact = box_head(output_memory) + proposals  # (N, S, 4)
-        k = min(self.num_queries, memory.shape[1])
+        k = min(num_queries or self.num_queries, memory.shape[1])
         topk_index = scores.topk(k, dim=1)[1]  # (N, K)
 
         def gather(t):
@@ -162,4 +195,6 @@ class TwoStageQuerySelector(nn.Module):
             ref_unact=coords_sel.detach(),
             enc_logits=gather(logits),
             enc_boxes=coords_sel.sigmoid(),
+            token_logits=logits,
+            token_boxes=coords_unact.sigmoid(),
         )

@@ -19,10 +19,12 @@ The transformer's contract::
     #   outputs:   {"layers": [{"pred_logits": (N, K, C), "pred_boxes": (N, K, 4)}, ...],
     #               "enc": the same for the encoder proposals, or None,
     #               "dn_layers": per-layer predictions of the DN queries, or None,
-    #               "dn_meta": DenoisingMeta, or None}
+    #               "dn_meta": DenoisingMeta, or None,
+    #               optional "one2many_layers": per-layer predictions of a one-to-many query
+    #               group (H-DETR's hybrid branch, training only), or None}
 """
 
-from typing import List, NamedTuple
+from typing import Dict, List, NamedTuple
 
 from detectron2.utils.registry import Registry
 from torch import nn
@@ -58,6 +60,12 @@ class DetrBase:
         return []
 
     @classmethod
+    def criterion_options(cls, cfg) -> Dict:
+        """Extra :class:`~align_detr.losses.SetCriterion` arguments the base needs (e.g. its
+        encoder's class-agnostic targets, its one-to-many branch)."""
+        return {}
+
+    @classmethod
     def build(cls, cfg, input_shape) -> BaseParts:
         """Builds the parts for the backbone output shapes ``input_shape``."""
         raise NotImplementedError
@@ -69,3 +77,4 @@ def build_base(cfg, input_shape) -> BaseParts:
 
 
 from . import dino  # noqa: E402,F401  (registers DINO)
+from . import h_deformable  # noqa: E402,F401  (registers HDeformableDETR)
