@@ -15,6 +15,12 @@ the same inputs:
 
 Both must reach the same total cost. Prints median times and ratios, for the whole matching and
 for the cost construction alone. ``python benchmarks/matching.py [--quick] [--g 5 20 50 100]``.
+
+Then the same for the one-to-many branch of one H-Deformable-DETR step (:func:`run_hybrid`): 6
+decoder layers of Q = 1500 one-to-many queries, every GT wanted k = 6 times. Ours matches k = 6
+queries to each GT (one compiled cost on the G columns; the solver replicates them without
+copies); the usual way (H-DETR's ``train_hybrid``) repeats the targets 6 times and runs the
+one-to-one matcher above on the [B*Q, 6*sum(G)] cost.
 """
 
 import argparse
@@ -219,6 +225,81 @@ def run(quick: bool = False, num_gts: Sequence[int] = (5, 20, 50, 100)) -> List[
     return rows
 
 
+#: H-DETR's one-to-many branch: queries, GT copies, decoder layers.
+HYBRID_Q, HYBRID_K, HYBRID_LAYERS = 1500, 6, 6
+
+
+def run_hybrid(quick: bool = False, num_gts: Sequence[int] = (5, 20, 50, 100)) -> List[Dict]:
+    """Times the one-to-many matching of one H-DETR step both ways; rows as :func:`run`."""
+    reps, warmup = (3, 1) if quick else (10, 2)
+    matcher = HungarianMatcher(**WEIGHTS)
+    rows = []
+    for num_gt in num_gts:
+        _, targets = make_step(num_gt)
+        g = torch.Generator().manual_seed(num_gt)
+        outputs = [
+            {
+                "pred_logits": torch.randn(B, HYBRID_Q, C, generator=g) * 2 - 3,
+                "pred_boxes": torch.cat(
+                    [
+                        torch.rand(B, HYBRID_Q, 2, generator=g) * 0.9 + 0.05,
+                        torch.rand(B, HYBRID_Q, 2, generator=g) * 0.3 + 0.01,
+                    ],
+                    2,
+                ),
+            }
+            for _ in range(HYBRID_LAYERS)
+        ]
+        repeated = [
+            {"labels": t["labels"].repeat(HYBRID_K), "boxes": t["boxes"].repeat(HYBRID_K, 1)}
+            for t in targets
+        ]
+
+        def ours():
+            return [matcher(o, targets, k=HYBRID_K) for o in outputs]
+
+        def reference():
+            return [reference_match(o, repeated, 1) for o in outputs]
+
+        def ours_cost():
+            labels = [t["labels"] for t in targets]
+            boxes = [t["boxes"] for t in targets]
+            for o in outputs:
+                flat, _ = matching_cost_flat(o["pred_logits"], o["pred_boxes"], labels, boxes)
+                flat.cpu().numpy()
+
+        def reference_cost_only():
+            for o in outputs:
+                reference_cost(o, repeated)
+
+        with torch.no_grad():
+            total_ours = _total_cost(outputs, targets, ours())
+            # their column j * G + g is copy j of GT g
+            ref = [[(q, c % num_gt) for q, c in idx] for idx in reference()]
+            total_ref = _total_cost(outputs, targets, ref)
+            if abs(total_ours - total_ref) > 1e-4 * max(1.0, abs(total_ref)):
+                raise AssertionError(
+                    f"hybrid G={num_gt}: total cost differs, ours {total_ours} vs {total_ref}"
+                )
+            t_ours, t_ref, c_ours, c_ref = _median_times(
+                [ours, reference, ours_cost, reference_cost_only], reps, warmup
+            )
+        rows.append(
+            {
+                "name": f"H-DETR one-to-many B={B} Q={HYBRID_Q} k={HYBRID_K} G={num_gt} x6 layers",
+                "ours_s": t_ours,
+                "reference_s": t_ref,
+                "ratio": t_ref / t_ours,
+                "cost_ours_s": c_ours,
+                "cost_reference_s": c_ref,
+                "cost_ratio": c_ref / c_ours,
+                "total_cost_ours": total_ours,
+                "total_cost_reference": total_ref,
+            }
+        )
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few repetitions, G = 20 only")
@@ -240,7 +321,22 @@ def main(argv=None):
             f" | {r['cost_ours_s'] * 1e3:>9.2f} {r['cost_reference_s'] * 1e3:>10.2f}"
             f" {r['cost_ratio']:>6.1f}x | {r['total_cost_ours']:.3f}"
         )
-    return rows
+    hybrid = run_hybrid(args.quick, num_gts)
+    print(
+        f"H-DETR one-to-many matching of one step ({HYBRID_LAYERS} layers, Q = {HYBRID_Q}, "
+        f"every GT {HYBRID_K} times), medians [ms]"
+    )
+    print(
+        f"{'G/img':>5} {'ours':>8} {'usual':>8} {'ratio':>7} | "
+        f"{'cost ours':>9} {'cost usual':>10} {'ratio':>7} | total cost (both)"
+    )
+    for r, g in zip(hybrid, num_gts):
+        print(
+            f"{g:>5} {r['ours_s'] * 1e3:>8.2f} {r['reference_s'] * 1e3:>8.2f} {r['ratio']:>6.1f}x"
+            f" | {r['cost_ours_s'] * 1e3:>9.2f} {r['cost_reference_s'] * 1e3:>10.2f}"
+            f" {r['cost_ratio']:>6.1f}x | {r['total_cost_ours']:.3f}"
+        )
+    return rows + hybrid
 
 
 if __name__ == "__main__":

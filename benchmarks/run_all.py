@@ -7,7 +7,8 @@ only ratios from one run mean something:
 * ms_deform_attn.py: the full preset (small encoder, DINO encoder and decoder shapes) against
   the grid_sample formulation, forward and forward + backward;
 * matching.py: its quick preset (3 repetitions) of one Align-DETR training step's matching
-  against the usual PyTorch cost + SciPy, for 5 / 20 / 50 / 100 GT per image;
+  against the usual PyTorch cost + SciPy, for 5 / 20 / 50 / 100 GT per image, and of one
+  H-Deformable-DETR step's one-to-many branch (GT repeated 6 times, Q = 1500);
 * model.py: the full DINO-R50 model against Hugging Face's Deformable DETR, fp32 and bf16,
   inference and one training step on one image (``--size``,
   one timed repetition; it has no reference formulation).
@@ -49,7 +50,7 @@ def collect(size: int = 512, skip_model: bool = False):
             ("ms_deform_attn", f"{r['name']}, fwd+bwd", r["ours_fwdbwd_s"], r["ref_fwdbwd_s"], "")
         )
     torch.set_num_threads(machine["threads"])
-    for r in matching.run(quick=True):
+    for r in matching.run(quick=True) + matching.run_hybrid(quick=True):
         note = f"cost alone {r['cost_ratio']:.1f}x"
         rows.append(("matching", r["name"], r["ours_s"], r["reference_s"], note))
     if not skip_model:
