@@ -216,6 +216,12 @@ def test_configs_and_their_checks():
     assert (
         align.MODEL.ALIGN_DETR.HYBRID.RANK_WEIGHTS and align.MODEL.ALIGN_DETR.LOSS.TYPE == "align"
     )
+    quick = repo_cfg("quickstart/align_h_detr_mnv2_trees.yaml").MODEL.ALIGN_DETR
+    assert (quick.BASE, quick.NUM_QUERIES, quick.HYBRID.NUM_QUERIES) == (
+        "HDeformableDETR",
+        150,
+        750,
+    )
     with pytest.raises(ConfigError, match="no denoising"):
         repo_cfg("h_detr_r50_12ep.yaml", "MODEL.ALIGN_DETR.DN.ENABLED", "True")
     with pytest.raises(ConfigError, match="HYBRID.K"):

@@ -217,7 +217,8 @@ class SetCriterion(nn.Module):
                 f"{len(named)} matched outputs"
             )
         device = layers[-1]["pred_logits"].device
-        normalizer = self.num_boxes(targets, device)
+        num_gt = self.num_boxes(targets, device, clamp=False)  # one all-reduce per step
+        normalizer = max(num_gt, 1.0)
         losses = {}
 
         def add(prefix_suffix: str, parts: Dict[str, torch.Tensor]):
@@ -232,7 +233,7 @@ class SetCriterion(nn.Module):
         if one2many is not None:
             k = self.hybrid_k
             # H-DETR normalises by the GT count of its repeated targets: k times the GT count
-            norm = max(self.num_boxes(targets, device, clamp=False) * k, 1.0)
+            norm = max(num_gt * k, 1.0)
             ranked = self.hybrid_rank_weighted and k > 1
             for suffix, out in zip(self._layer_suffixes(one2many), one2many):
                 indices = self.matcher(out, targets, k=k)
