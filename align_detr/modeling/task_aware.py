@@ -23,6 +23,7 @@ Shapes: N images, K proposals, M points, L levels, S tokens, d = d_model.
 from typing import Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
@@ -112,6 +113,10 @@ class TaskAwareQueryGenerator(nn.Module):
         xyxy = torch.cat([centre - half, centre + half], -1).flatten(0, 1)  # (N * K, 4)
         index = torch.arange(n, device=boxes.device, dtype=xyxy.dtype).repeat_interleave(k)
         rois = torch.cat([index[:, None], xyxy], 1)
+        # RoIAlign clamps samples in the last pixel row / column to that row, where inside a
+        # padded batch it would interpolate towards the (zeroed) padding: one zero row and column
+        # make both the same
+        fmap = F.pad(fmap, (0, 1, 0, 1))
         return roi_align(fmap, rois.to(fmap.dtype), ROI_SIZE, 1.0, 2, aligned=True)
 
     def points(self, features: torch.Tensor, boxes: torch.Tensor, stream: int) -> torch.Tensor:
