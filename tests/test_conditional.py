@@ -22,7 +22,7 @@ def cond_cfg(*opts):
 
 
 def memory_of(x, pos, mask=None):
-    n, s, _ = x.shape
+    """The memory fields conditional cross-attention reads."""
     return SingleScaleMemory(x, mask, None, None, None, None, pos=pos, decoder_mask=mask)
 
 
@@ -82,8 +82,6 @@ def test_conditional_self_attention_projects_content_and_position_apart():
     q = attn.query_content_proj(x) + attn.query_pos_proj(pos)
     k = attn.key_content_proj(x) + attn.key_pos_proj(pos)
     v = attn.value_proj(x)
-    ref = torch.nn.functional.multi_head_attention_forward  # not used: plain einsum below
-    del ref
     heads = []
     for i in range(2):
         sl = slice(8 * i, 8 * (i + 1))
@@ -224,7 +222,24 @@ def test_bad_conditional_configs_are_reported():
         cond_cfg("MODEL.ALIGN_DETR.NUM_FEATURE_LEVELS", "2")
 
 
-def test_trains_and_evaluates_through_train_net(tiny_dataset, tmp_path):
+SD_OPTS = [
+    "MODEL.ALIGN_DETR.DECODER.DECOUPLED",
+    "True",
+    "MODEL.ALIGN_DETR.DECODER.TASK_AWARE_QUERIES",
+    "True",
+    "MODEL.ALIGN_DETR.DECODER.TASK_AWARE_POINT_PREDICTOR",
+    "roi",
+    "MODEL.ALIGN_DETR.DECODER.STREAM_POSITIONS",
+    "True",
+    "MODEL.ALIGN_DETR.DECODER.STREAM_EMBED",
+    "True",
+    "MODEL.ALIGN_DETR.LOSS.TYPE",
+    "tal",
+]
+
+
+@pytest.mark.parametrize("sd", [False, True], ids=["conditional", "sd_conditional"])
+def test_trains_and_evaluates_through_train_net(tiny_dataset, tmp_path, sd):
     out_dir = str(tmp_path / "out")
     base = ["--config-file", os.path.join(ROOT, "configs", "tiny_cond_test.yaml")]
     opts = [
@@ -236,6 +251,7 @@ def test_trains_and_evaluates_through_train_net(tiny_dataset, tmp_path):
         "2",
         "OUTPUT_DIR",
         out_dir,
+        *(SD_OPTS if sd else []),
     ]
     run_train_net(base + opts)
     res = run_train_net(
