@@ -198,7 +198,8 @@ class ConditionalDETRTransformer(nn.Module):
             lambda p: self.query_pos_head(box_sine_embedding(p, self.decoder.d_model))
         )
         enc = {"pred_logits": sel.enc_logits, "pred_boxes": sel.enc_boxes}
-        return sel.queries, query_pos, refs, sel.ref_unact[..., 2:], enc
+        # (re-clamped, as DINO does: an invalid pick's unactivated anchor is infinite)
+        return sel.queries, query_pos, refs, inverse_sigmoid(anchors[..., 2:]), enc
 
     def forward(self, srcs, masks, pos, heads: DetectionHeads, targets=None) -> Dict:
         """See :mod:`align_detr.modeling.bases` for the contract (one level)."""
