@@ -9,9 +9,14 @@ ways.
 
 from typing import Dict, Tuple
 
+from .detrex_conditional import (
+    detrex_conditional_to_ours,
+    is_detrex_conditional,
+    ours_to_detrex_conditional,
+)
 from .detrex_dino import detrex_dino_to_ours, is_detrex_dino, ours_to_detrex_dino
 
-__all__ = ["FORMATS", "detect_format", "from_ours", "to_ours"]
+__all__ = ["FORMATS", "detect_format", "detrex_format_of_ours", "from_ours", "to_ours"]
 
 #: name -> (description, detect(state) -> bool, to_ours(state), from_ours(state))
 FORMATS = {
@@ -20,6 +25,12 @@ FORMATS = {
         is_detrex_dino,
         detrex_dino_to_ours,
         ours_to_detrex_dino,
+    ),
+    "detrex-conditional": (
+        "detrex Conditional DETR (detrex names)",
+        is_detrex_conditional,
+        detrex_conditional_to_ours,
+        ours_to_detrex_conditional,
     ),
 }
 
@@ -46,3 +57,11 @@ def from_ours(state: Dict, fmt: str) -> Dict:
     if fmt not in FORMATS:
         raise ValueError(f"unknown checkpoint format {fmt!r}; known: {sorted(FORMATS)}")
     return FORMATS[fmt][3](state)
+
+
+def detrex_format_of_ours(state: Dict) -> str:
+    """The detrex format our state dict converts to, by its base: Conditional DETR (its decoder
+    has the conditional spatial-query FFN) or DINO."""
+    if "transformer.decoder.query_scale.layers.0.weight" in state:
+        return "detrex-conditional"
+    return "detrex-dino"

@@ -97,14 +97,21 @@ class DeformableDecoder(nn.Module):
         layers: decoder layers taking ``(Streams, query_pos, reference_points, memory,
             self_attn_mask)`` and returning Streams.
         d_model: d.
+        stream_positions: (decoupled layers) the classification stream gets its own reference
+            box, the localisation reference re-centred by ``cls_offset``, and its own
+            positional-query MLP (SD-DETR's task-aware positional queries).
     """
 
-    def __init__(self, layers: List[nn.Module], d_model: int):
+    def __init__(self, layers: List[nn.Module], d_model: int, stream_positions: bool = False):
         super().__init__()
         self.d_model = d_model
         self.layers = nn.ModuleList(layers)
         self.norm = nn.LayerNorm(d_model)
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
+        # SD-DETR: the classification stream's own positional query (of its own reference)
+        self.ref_point_head_cls = (
+            MLP(2 * d_model, d_model, d_model, 2) if stream_positions else None
+        )
 
     def forward(
         self,
@@ -113,6 +120,7 @@ class DeformableDecoder(nn.Module):
         memory: EncoderMemory,
         box_heads: nn.ModuleList,
         self_attn_mask: Optional[torch.Tensor] = None,
+        cls_offset: Optional[torch.Tensor] = None,
     ) -> Tuple[List[Streams], List[torch.Tensor]]:
         """
         Args:
@@ -121,6 +129,8 @@ class DeformableDecoder(nn.Module):
             memory: the encoder output.
             box_heads: per-layer box MLPs used for refinement (reading the localisation stream).
             self_attn_mask: optional (Q, Q) bool.
+            cls_offset: (N, Q, 2) shift of the classification stream's reference centre from
+                the localisation reference (with ``stream_positions``; None: no shift).
 
         Returns:
             hidden: per layer, the normalised (N, Q, d) outputs of each stream;
@@ -134,6 +144,17 @@ class DeformableDecoder(nn.Module):
         for layer_id, layer in enumerate(self.layers):
             ref_input = reference[:, :, None] * ratios
             query_pos = self.ref_point_head(box_sine_embedding(ref_input[:, :, 0], self.d_model))
+            if self.ref_point_head_cls is not None:
+                cls_ref = reference
+                if cls_offset is not None:
+                    centre = (reference[..., :2] + cls_offset).clamp(0.0, 1.0)
+                    cls_ref = torch.cat([centre, reference[..., 2:]], -1)
+                cls_input = cls_ref[:, :, None] * ratios
+                cls_pos = self.ref_point_head_cls(
+                    box_sine_embedding(cls_input[:, :, 0], self.d_model)
+                )
+                query_pos = Streams(cls_pos, query_pos)
+                ref_input = Streams(cls_input, ref_input)
             queries = layer(queries, query_pos, ref_input, memory, self_attn_mask)
             hidden.append(queries.map(self.norm))
             references.append(reference_for_loss)

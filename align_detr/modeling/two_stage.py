@@ -8,7 +8,7 @@ Shapes: N images, S encoder tokens, K selected queries, d = d_model, C classes.
 """
 
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -73,12 +73,15 @@ class SelectedQueries:
         ref_unact: (N, K, 4) initial reference boxes in inverse-sigmoid space, detached.
         enc_logits: (N, K, C) the encoder head's logits of the selected tokens (for its loss).
         enc_boxes: (N, K, 4) their sigmoid boxes, undetached.
+        centres: (N, K, 2) per stream, the image-normalised position the content module
+            derived each query from (SD-DETR's task-aware points), or None.
     """
 
     queries: Streams
     ref_unact: torch.Tensor
     enc_logits: torch.Tensor
     enc_boxes: torch.Tensor
+    centres: Optional[Streams] = None
 
 
 class LearntContentQueries(nn.Module):
@@ -95,9 +98,10 @@ class LearntContentQueries(nn.Module):
         nn.init.xavier_uniform_(self.embed.weight)  # as the released DINO / Align-DETR code
 
     def forward(self, memory: EncoderMemory, boxes: torch.Tensor, token_features: torch.Tensor):
-        """Returns one stream of (N, K, d) content queries (boxes and features are unused)."""
+        """Returns (one stream of (N, K, d) content queries, None): boxes and features are
+        unused, and the queries have no position of their own."""
         n, k = boxes.shape[:2]
-        return Streams.single(self.embed.weight[None, :k].expand(n, -1, -1))
+        return Streams.single(self.embed.weight[None, :k].expand(n, -1, -1)), None
 
 
 #: Which encoder tokens two-stage selection may pick.
@@ -118,8 +122,9 @@ class TwoStageQuerySelector(nn.Module):
     Args:
         d_model: d.
         num_queries: K (at most S are kept).
-        content: module ``(memory, boxes (N, K, 4), token_features (N, K, d)) -> Streams``
-            giving the content queries of the selected boxes.
+        content: module ``(memory, boxes (N, K, 4), token_features (N, K, d)) -> (Streams,
+            centres)`` giving the content queries of the selected boxes (and, or None, the
+            per-stream points they came from).
         selection: "all" or "valid".
     """
 
@@ -157,9 +162,11 @@ class TwoStageQuerySelector(nn.Module):
 
         coords_sel = gather(coords_unact)
         boxes = coords_sel.detach().sigmoid()
+        queries, centres = self.content(enc, boxes, gather(output_memory))
         return SelectedQueries(
-            queries=self.content(enc, boxes, gather(output_memory)),
+            queries=queries,
             ref_unact=coords_sel.detach(),
             enc_logits=gather(logits),
             enc_boxes=coords_sel.sigmoid(),
+            centres=centres,
         )

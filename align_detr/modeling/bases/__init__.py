@@ -68,4 +68,4 @@ def build_base(cfg, input_shape) -> BaseParts:
     return BASE_REGISTRY.get(cfg.MODEL.ALIGN_DETR.BASE).build(cfg, input_shape)
 
 
-from . import dino  # noqa: E402,F401  (registers DINO)
+from . import conditional, dino  # noqa: E402,F401  (registers ConditionalDETR, DINO)
