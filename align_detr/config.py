@@ -40,7 +40,8 @@ def add_align_detr_config(cfg):
     # The base detector (a name in align_detr.modeling.BASE_REGISTRY): "DINO" is DINO-style
     # deformable DETR (4 scales, two-stage, mixed queries, CDN, box refinement);
     # "HDeformableDETR" is H-Deformable-DETR (two-stage, box refinement, mixed queries,
-    # look-forward-twice, the hybrid one-to-many branch of HYBRID, no denoising).
+    # look-forward-twice, the hybrid one-to-many branch of HYBRID, no denoising);
+    # "ConditionalDETR" is single-scale Conditional DETR (SD-DETR's base; see CONDITIONAL).
     c.BASE = "DINO"
     # Number of foreground classes (80 for COCO); no background class (sigmoid scores).
     c.NUM_CLASSES = 80
@@ -79,6 +80,23 @@ def add_align_detr_config(cfg):
     c.DECODER.TASK_AWARE_QUERIES = False
     # SD-DETR task-aware query generation: points sampled per proposal and stream.
     c.DECODER.TASK_AWARE_POINTS = 8
+    # SD-DETR point predictor: "roi" is the paper's Eq. 5, MLP(ConvNet(RoIAlign 7x7)); "token"
+    # an MLP on the selected encoder token alone.
+    c.DECODER.TASK_AWARE_POINT_PREDICTOR = "token"
+    # SD-DETR: each stream positioned at its own task-aware points (its own positional query and
+    # reference; the paper's Fig. 3), instead of both at the proposal box.
+    c.DECODER.STREAM_POSITIONS = False
+    # SD-DETR: a learnt vector per stream added to its content queries.
+    c.DECODER.STREAM_EMBED = False
+    # SD-DETR Table 3's control: split the whole decoder layer (a self-attention per stream).
+    c.DECODER.SPLIT_SELF_ATTN = False
+
+    # Conditional DETR (BASE "ConditionalDETR"); its other settings are the keys above.
+    c.CONDITIONAL = CN()
+    # Mask the padding in the decoder's cross-attention (the original Conditional DETR). detrex's
+    # implementation does not (in training its decoder attends padded memory): False reproduces
+    # its training losses.
+    c.CONDITIONAL.DECODER_PADDING_MASK = True
 
     # Contrastive denoising (DINO CDN).
     c.DN = CN()
@@ -262,6 +280,16 @@ def validate_config(cfg) -> None:
         "query per stream)",
     )
     need(c.DECODER.TASK_AWARE_POINTS >= 1, "DECODER.TASK_AWARE_POINTS must be >= 1")
+    need(
+        c.DECODER.TASK_AWARE_POINT_PREDICTOR in ("token", "roi"),
+        'DECODER.TASK_AWARE_POINT_PREDICTOR must be "token" or "roi", got '
+        f"{c.DECODER.TASK_AWARE_POINT_PREDICTOR!r}",
+    )
+    for key in ("STREAM_POSITIONS", "STREAM_EMBED", "SPLIT_SELF_ATTN"):
+        need(
+            not c.DECODER[key] or c.DECODER.DECOUPLED,
+            f"DECODER.{key} needs DECODER.DECOUPLED: True (it acts on the two streams)",
+        )
     need(c.LOSS.TAU > 0, f"LOSS.TAU must be > 0, got {c.LOSS.TAU}")
     if c.DN.ENABLED:
         need(c.DN.NUM_QUERIES >= 1, f"DN.NUM_QUERIES must be >= 1, got {c.DN.NUM_QUERIES}")

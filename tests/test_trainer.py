@@ -146,7 +146,11 @@ def test_configs_merge(path):
     cfg = _cfg(os.path.basename(path))
     a = cfg.MODEL.ALIGN_DETR
     assert cfg.MODEL.META_ARCHITECTURE == "AlignDETR"
-    assert len(_match_k(cfg)) == a.DECODER.NUM_LAYERS + 1  # encoder + every decoder layer
+    # DINO, H-Deformable-DETR: the encoder proposals + every decoder layer; Conditional DETR:
+    # every decoder layer (+ the mini-detector with SD-DETR's task-aware queries)
+    two_stage = a.BASE in ("DINO", "HDeformableDETR")
+    extra = 1 if two_stage or a.DECODER.TASK_AWARE_QUERIES else 0
+    assert len(_match_k(cfg)) == a.DECODER.NUM_LAYERS + extra
     assert cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE == "full_model" and cfg.SOLVER.WARMUP_ITERS == 0
 
 
@@ -269,6 +273,7 @@ def test_amp_on_cpu_trains_in_bfloat16_with_fp32_weights_and_losses(tmp_path):
     trainer.resume_or_load(resume=False)
     seen = {}
     model = trainer.model
+
     def record_ffn(module, inputs, output):
         seen.setdefault("ffn", output.dtype)
 

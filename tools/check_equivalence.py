@@ -74,7 +74,7 @@ def config_opts(arch: Dict) -> List[str]:
             a + "DECODER.N_POINTS": arch["dec_n_points"],
             a + "DECODER.DIM_FEEDFORWARD": arch["dec_ffn_dim"],
             a + "DECODER.DROPOUT": arch["dropout"],
-            # models without denoising (H-Deformable-DETR) have no "dn" entry
+            # models without denoising (H-Deformable-DETR, Conditional DETR) have no "dn" entry
             a + "DN.ENABLED": arch.get("dn", {"enabled": False})["enabled"],
             a + "LOSS.TYPE": _LOSS_TYPES[arch["loss_type"]],
             a + "LOSS.MATCH_K": list(arch["match_k"]),
@@ -97,6 +97,12 @@ def config_opts(arch: Dict) -> List[str]:
         opts[a + "HYBRID.NUM_QUERIES"] = arch["num_queries_one2many"]
         opts[a + "HYBRID.K"] = arch["k_one2many"]
         opts[a + "HYBRID.WEIGHT"] = arch["lambda_one2many"]
+    if arch["model"] == "conditional_detr":
+        opts[a + "BASE"] = "ConditionalDETR"
+        # their decoder attends the padded memory in training (their encoder masks it)
+        opts[a + "CONDITIONAL.DECODER_PADDING_MASK"] = False
+    # keys their architecture has no value for (Conditional DETR: no deformable points)
+    opts = {k: v for k, v in opts.items() if v is not None}
     return [str(x) for kv in opts.items() for x in kv]
 
 
@@ -152,14 +158,11 @@ def compare_inference(model, fixture: Dict, setting: str) -> Dict[str, float]:
     finally:
         hook.remove()
     theirs = fixture["inference"][setting]
-    diffs = {
-        "layer_logits": 0.0,
-        "layer_boxes": 0.0,
-        "enc_logits": 0.0,
-        "enc_boxes": 0.0,
-        "scores": 0.0,
-        "boxes": 0.0,
-    }
+    enc = seen["out"]["enc"]
+    # two-stage models: the encoder's picks; Conditional DETR: the queries' reference points
+    extra = ("enc_logits", "enc_boxes") if enc is not None else ("reference",)
+    diffs = {"layer_logits": 0.0, "layer_boxes": 0.0, **{k: 0.0 for k in extra}}
+    diffs.update({"scores": 0.0, "boxes": 0.0})
     labels_equal = True
     for b, (res, ref) in enumerate(zip(results, theirs)):
         for layer, out in enumerate(seen["out"]["layers"]):
@@ -171,13 +174,18 @@ def compare_inference(model, fixture: Dict, setting: str) -> Dict[str, float]:
                 diffs["layer_boxes"],
                 float((out["pred_boxes"][b] - ref["layer_boxes"][layer]).abs().max()),
             )
-        enc = seen["out"]["enc"]
-        diffs["enc_logits"] = max(
-            diffs["enc_logits"], float((enc["pred_logits"][b] - ref["enc_logits"]).abs().max())
-        )
-        diffs["enc_boxes"] = max(
-            diffs["enc_boxes"], float((enc["pred_boxes"][b] - ref["enc_boxes"]).abs().max())
-        )
+        if enc is not None:
+            diffs["enc_logits"] = max(
+                diffs["enc_logits"], float((enc["pred_logits"][b] - ref["enc_logits"]).abs().max())
+            )
+            diffs["enc_boxes"] = max(
+                diffs["enc_boxes"], float((enc["pred_boxes"][b] - ref["enc_boxes"]).abs().max())
+            )
+        else:
+            ours_ref = seen["out"]["reference"][b]
+            diffs["reference"] = max(
+                diffs["reference"], float((ours_ref - ref["reference"]).abs().max())
+            )
         inst, want = res["instances"], ref["instances"]
         if len(inst) != len(want["scores"]):
             raise AssertionError(f"{setting}: {len(inst)} detections, theirs {len(want['scores'])}")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 # Copyright (c) align-detr contributors.
 """Converts checkpoints between this project's names and detrex's (detrex DINO, the official
-Align-DETR, detrex H-Deformable-DETR), both ways.
+Align-DETR, detrex H-Deformable-DETR, detrex Conditional DETR), both ways.
 
 Loading through ``MODEL.WEIGHTS`` already converts in memory; this writes the converted file,
 e.g. to evaluate a model trained here with detrex's tools::
@@ -11,7 +11,8 @@ e.g. to evaluate a model trained here with detrex's tools::
 
 Only the model weights are kept (``{"model": state_dict}``); optimizer and scheduler states are
 dropped. With ``--to ours`` the input's format is detected; a file already in our names is
-refused rather than copied.
+refused rather than copied. With ``--to detrex`` the detrex project follows from the weights'
+base (Conditional DETR or DINO).
 """
 
 import argparse
@@ -25,12 +26,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from align_detr.formats import (  # noqa: E402
     FORMATS,
     detect_format,
-    detrex_format_of,
+    detrex_format_of_ours,
     from_ours,
     to_ours,
 )
 
-#: --to choices; "detrex" picks detrex DINO or H-Deformable-DETR by the checkpoint's base.
+#: --to choices; "detrex" picks the detrex format of the checkpoint's base detector.
 _TARGETS = ("ours", "detrex")
 
 
@@ -49,7 +50,7 @@ def convert(src: str, dst: str, to: str = "ours") -> str:
     else:
         if fmt != "ours":
             raise ValueError(f"{src} is already in another format ({FORMATS[fmt][0]})")
-        target = detrex_format_of(state)
+        target = detrex_format_of_ours(state)
         out = from_ours(state, target)
         what = f"align-detr -> {FORMATS[target][0]}"
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("input")
     parser.add_argument("output")
-    parser.add_argument("--to", choices=sorted(_TARGETS), default="ours")
+    parser.add_argument("--to", choices=_TARGETS, default="ours")
     args = parser.parse_args(argv)
     try:
         print(convert(args.input, args.output, args.to))

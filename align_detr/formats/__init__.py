@@ -9,6 +9,11 @@ ways.
 
 from typing import Dict, Tuple
 
+from .detrex_conditional import (
+    detrex_conditional_to_ours,
+    is_detrex_conditional,
+    ours_to_detrex_conditional,
+)
 from .detrex_dino import detrex_dino_to_ours, is_detrex_dino, ours_to_detrex_dino
 from .detrex_h_deformable import (
     detrex_h_deformable_to_ours,
@@ -17,7 +22,7 @@ from .detrex_h_deformable import (
     ours_to_detrex_h_deformable,
 )
 
-__all__ = ["FORMATS", "detect_format", "detrex_format_of", "from_ours", "to_ours"]
+__all__ = ["FORMATS", "detect_format", "detrex_format_of_ours", "from_ours", "to_ours"]
 
 #: name -> (description, detect(state) -> bool, to_ours(state), from_ours(state)). Tried in
 #: order: H-Deformable-DETR's names include DINO's markers, so it comes first.
@@ -33,6 +38,12 @@ FORMATS = {
         is_detrex_dino,
         detrex_dino_to_ours,
         ours_to_detrex_dino,
+    ),
+    "detrex-conditional": (
+        "detrex Conditional DETR (detrex names)",
+        is_detrex_conditional,
+        detrex_conditional_to_ours,
+        ours_to_detrex_conditional,
     ),
 }
 
@@ -61,6 +72,11 @@ def from_ours(state: Dict, fmt: str) -> Dict:
     return FORMATS[fmt][3](state)
 
 
-def detrex_format_of(state: Dict) -> str:
-    """The detrex format that one of our state dicts converts to (by its base detector)."""
-    return "detrex-h-deformable" if is_ours_h_deformable(state) else "detrex-dino"
+def detrex_format_of_ours(state: Dict) -> str:
+    """The detrex format our state dict converts to, by its base: Conditional DETR (its decoder
+    has the conditional spatial-query FFN), H-Deformable-DETR or DINO."""
+    if "transformer.decoder.query_scale.layers.0.weight" in state:
+        return "detrex-conditional"
+    if is_ours_h_deformable(state):
+        return "detrex-h-deformable"
+    return "detrex-dino"

@@ -103,6 +103,10 @@ class DeformableDecoder(nn.Module):
             read the layer outputs as they are.
         box_query_pos: build the query position from each layer's reference box (DINO's
             ``ref_point_head``); without it ``forward`` needs ``query_pos``.
+        stream_positions: (decoupled layers) the classification stream gets its own reference
+            box, the localisation reference re-centred by ``cls_offset``, and its own
+            positional-query MLP (SD-DETR's task-aware positional queries; needs
+            ``box_query_pos``).
     """
 
     def __init__(
@@ -111,12 +115,19 @@ class DeformableDecoder(nn.Module):
         d_model: int,
         final_norm: bool = True,
         box_query_pos: bool = True,
+        stream_positions: bool = False,
     ):
         super().__init__()
+        if stream_positions and not box_query_pos:
+            raise ValueError("DeformableDecoder: stream_positions needs box_query_pos")
         self.d_model = d_model
         self.layers = nn.ModuleList(layers)
         self.norm = nn.LayerNorm(d_model) if final_norm else nn.Identity()
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2) if box_query_pos else None
+        # SD-DETR: the classification stream's own positional query (of its own reference)
+        self.ref_point_head_cls = (
+            MLP(2 * d_model, d_model, d_model, 2) if stream_positions else None
+        )
 
     def forward(
         self,
@@ -126,6 +137,7 @@ class DeformableDecoder(nn.Module):
         box_heads: nn.ModuleList,
         self_attn_mask: Optional[torch.Tensor] = None,
         query_pos: Optional[torch.Tensor] = None,
+        cls_offset: Optional[torch.Tensor] = None,
     ) -> Tuple[List[Streams], List[torch.Tensor]]:
         """
         Args:
@@ -136,6 +148,8 @@ class DeformableDecoder(nn.Module):
             self_attn_mask: optional (Q, Q) bool.
             query_pos: (N, Q, d) fixed query position of every layer; required without
                 ``box_query_pos``, ignored with it.
+            cls_offset: (N, Q, 2) shift of the classification stream's reference centre from
+                the localisation reference (with ``stream_positions``; None: no shift).
 
         Returns:
             hidden: per layer, the normalised (N, Q, d) outputs of each stream;
@@ -150,11 +164,23 @@ class DeformableDecoder(nn.Module):
         hidden, references = [], []
         for layer_id, layer in enumerate(self.layers):
             ref_input = reference[:, :, None] * ratios
+            layer_pos = query_pos
             if self.ref_point_head is not None:
-                query_pos = self.ref_point_head(
+                layer_pos = self.ref_point_head(
                     box_sine_embedding(ref_input[:, :, 0], self.d_model)
                 )
-            queries = layer(queries, query_pos, ref_input, memory, self_attn_mask)
+            if self.ref_point_head_cls is not None:
+                cls_ref = reference
+                if cls_offset is not None:
+                    centre = (reference[..., :2] + cls_offset).clamp(0.0, 1.0)
+                    cls_ref = torch.cat([centre, reference[..., 2:]], -1)
+                cls_input = cls_ref[:, :, None] * ratios
+                cls_pos = self.ref_point_head_cls(
+                    box_sine_embedding(cls_input[:, :, 0], self.d_model)
+                )
+                layer_pos = Streams(cls_pos, layer_pos)
+                ref_input = Streams(cls_input, ref_input)
+            queries = layer(queries, layer_pos, ref_input, memory, self_attn_mask)
             hidden.append(queries.map(self.norm))
             references.append(reference_for_loss)
             delta = box_heads[layer_id](queries.loc)

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch import nn
 
-__all__ = ["Streams"]
+__all__ = ["StreamEmbedding", "Streams"]
 
 
 @dataclass(frozen=True)
@@ -43,3 +44,23 @@ class Streams:
         if self.is_single:
             return Streams.single(fn(self.cls))
         return Streams(fn(self.cls), fn(self.loc))
+
+
+class StreamEmbedding(nn.Module):
+    """A learnt vector per stream added to its content queries, so that the two streams differ
+    from the first decoder layer on even when they start from the same content (SD-DETR
+    without task-aware queries, or Conditional DETR's zero content).
+
+    Args:
+        d_model: d.
+    """
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(2, d_model))
+        # small against the LayerNorm-scaled content, large against Conditional DETR's zeros
+        nn.init.normal_(self.weight, std=0.1)
+
+    def forward(self, queries: Streams) -> Streams:
+        """(N, Q, d) per stream -> the same plus the stream's vector (always two streams)."""
+        return Streams(queries.cls + self.weight[0], queries.loc + self.weight[1])

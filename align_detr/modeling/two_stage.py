@@ -78,6 +78,8 @@ class SelectedQueries:
             supervises all of them).
         token_boxes: (N, S, 4) the sigmoid boxes of every token, undetached (1 where invalid
             with ``selection="all"``).
+        centres: (N, K, 2) per stream, the image-normalised position the content module
+            derived each query from (SD-DETR's task-aware points), or None.
     """
 
     queries: Streams
@@ -86,6 +88,7 @@ class SelectedQueries:
     enc_boxes: torch.Tensor
     token_logits: Optional[torch.Tensor] = None
     token_boxes: Optional[torch.Tensor] = None
+    centres: Optional[Streams] = None
 
 
 class LearntContentQueries(nn.Module):
@@ -109,9 +112,10 @@ class LearntContentQueries(nn.Module):
             nn.init.xavier_uniform_(self.embed.weight)
 
     def forward(self, memory: EncoderMemory, boxes: torch.Tensor, token_features: torch.Tensor):
-        """Returns one stream of (N, K, d) content queries (boxes and features are unused)."""
+        """Returns (one stream of (N, K, d) content queries, None): boxes and features are
+        unused, and the queries have no position of their own."""
         n, k = boxes.shape[:2]
-        return Streams.single(self.embed.weight[None, :k].expand(n, -1, -1))
+        return Streams.single(self.embed.weight[None, :k].expand(n, -1, -1)), None
 
 
 #: Which encoder tokens two-stage selection may pick.
@@ -136,8 +140,9 @@ class TwoStageQuerySelector(nn.Module):
     Args:
         d_model: d.
         num_queries: K (at most S are kept).
-        content: module ``(memory, boxes (N, K, 4), token_features (N, K, d)) -> Streams``
-            giving the content queries of the selected boxes.
+        content: module ``(memory, boxes (N, K, 4), token_features (N, K, d)) -> (Streams,
+            centres)`` giving the content queries of the selected boxes (and, or None, the
+            per-stream points they came from).
         selection: "all" or "valid".
         score: "max" or "first" (:data:`SCORE_MODES`).
     """
@@ -190,11 +195,13 @@ class TwoStageQuerySelector(nn.Module):
 
         coords_sel = gather(coords_unact)
         boxes = coords_sel.detach().sigmoid()
+        queries, centres = self.content(enc, boxes, gather(output_memory))
         return SelectedQueries(
-            queries=self.content(enc, boxes, gather(output_memory)),
+            queries=queries,
             ref_unact=coords_sel.detach(),
             enc_logits=gather(logits),
             enc_boxes=coords_sel.sigmoid(),
             token_logits=logits,
             token_boxes=coords_unact.sigmoid(),
+            centres=centres,
         )

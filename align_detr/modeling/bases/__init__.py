@@ -76,5 +76,5 @@ def build_base(cfg, input_shape) -> BaseParts:
     return BASE_REGISTRY.get(cfg.MODEL.ALIGN_DETR.BASE).build(cfg, input_shape)
 
 
-from . import dino  # noqa: E402,F401  (registers DINO)
-from . import h_deformable  # noqa: E402,F401  (registers HDeformableDETR)
+# Importing a base module registers it.
+from . import conditional, dino, h_deformable  # noqa: E402,F401

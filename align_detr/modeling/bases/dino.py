@@ -21,6 +21,7 @@ from ..decoder import (
 )
 from ..decoupled import DecoupledDecoderLayer, TaskAwareQueryGenerator
 from ..denoising import ContrastiveDenoising
+from ..streams import StreamEmbedding
 from ..encoder import DeformableEncoder, EncoderLayer
 from ..heads import DetectionHeads
 from ..neck import ChannelMapper
@@ -38,6 +39,7 @@ class DINOTransformer(nn.Module):
         query_selector: :class:`TwoStageQuerySelector` (reads the heads' last pair).
         decoder: :class:`DeformableDecoder`.
         denoising: :class:`ContrastiveDenoising`, or None for no DN queries.
+        stream_embed: SD-DETR's learnt per-stream vector added to the content, or None.
     """
 
     def __init__(
@@ -46,12 +48,14 @@ class DINOTransformer(nn.Module):
         query_selector: TwoStageQuerySelector,
         decoder: DeformableDecoder,
         denoising: Optional[ContrastiveDenoising] = None,
+        stream_embed: Optional[StreamEmbedding] = None,
     ):
         super().__init__()
         self.encoder = encoder
         self.query_selector = query_selector
         self.decoder = decoder
         self.denoising = denoising
+        self.stream_embed = stream_embed
         self._reset_parameters()
 
     def _reset_parameters(self):
@@ -72,11 +76,23 @@ class DINOTransformer(nn.Module):
         queries, ref_unact, attn_mask, dn = sel.queries, sel.ref_unact, None, None
         if self.training and self.denoising is not None and targets is not None:
             dn = self.denoising(targets, ref_unact.shape[1])
+        cls_offset = None
+        if sel.centres is not None:
+            # the classification stream's points, relative to the proposal centre (detached,
+            # like the reference boxes)
+            cls_offset = (sel.centres.cls - ref_unact.sigmoid()[..., :2]).detach()
         if dn is not None:
             queries = queries.map(lambda x: torch.cat([dn.content.to(x.dtype), x], 1))
             ref_unact = torch.cat([dn.ref_unact.to(ref_unact.dtype), ref_unact], 1)
             attn_mask = dn.attn_mask
-        hidden, references = self.decoder(queries, ref_unact, memory, heads.box_heads, attn_mask)
+            if cls_offset is not None:  # the DN queries have no points: no shift
+                zeros = cls_offset.new_zeros(cls_offset.shape[0], dn.meta.pad_size, 2)
+                cls_offset = torch.cat([zeros, cls_offset], 1)
+        if self.stream_embed is not None:
+            queries = self.stream_embed(queries)
+        hidden, references = self.decoder(
+            queries, ref_unact, memory, heads.box_heads, attn_mask, cls_offset=cls_offset
+        )
 
         pad = dn.meta.pad_size if dn is not None else 0
         layers, dn_layers = [], []
@@ -114,7 +130,8 @@ def _decoder_layers(cfg) -> List[nn.Module]:
 
     if dec.DECOUPLED:
         return [
-            DecoupledDecoderLayer(self_attention(), cross_attention) for _ in range(dec.NUM_LAYERS)
+            DecoupledDecoderLayer(self_attention, cross_attention, dec.SPLIT_SELF_ATTN)
+            for _ in range(dec.NUM_LAYERS)
         ]
     return [DecoderLayer(self_attention(), cross_attention()) for _ in range(dec.NUM_LAYERS)]
 
@@ -147,9 +164,12 @@ class DINO(DetrBase):
             levels,
         )
         if c.DECODER.TASK_AWARE_QUERIES:
-            content = TaskAwareQueryGenerator(d, levels, c.DECODER.TASK_AWARE_POINTS)
+            content = TaskAwareQueryGenerator(
+                d, levels, c.DECODER.TASK_AWARE_POINTS, c.DECODER.TASK_AWARE_POINT_PREDICTOR
+            )
         else:
             content = LearntContentQueries(c.NUM_QUERIES, d)
+        stream_positions = c.DECODER.DECOUPLED and c.DECODER.STREAM_POSITIONS
         denoising = None
         if c.DN.ENABLED:
             denoising = ContrastiveDenoising(
@@ -158,8 +178,9 @@ class DINO(DetrBase):
         transformer = DINOTransformer(
             encoder,
             TwoStageQuerySelector(d, c.NUM_QUERIES, content, c.TWO_STAGE_SELECTION),
-            DeformableDecoder(_decoder_layers(cfg), d),
+            DeformableDecoder(_decoder_layers(cfg), d, stream_positions=stream_positions),
             denoising,
+            StreamEmbedding(d) if c.DECODER.DECOUPLED and c.DECODER.STREAM_EMBED else None,
         )
         return BaseParts(
             neck=ChannelMapper(input_shape, c.IN_FEATURES, d, levels),
