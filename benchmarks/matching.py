@@ -160,6 +160,30 @@ def _total_cost(outputs, targets, indices) -> float:
     return total
 
 
+def _cost_only(outputs, targets, reference_targets):
+    """(ours, reference): the cost construction alone, ours on the GT as given, the reference
+    formulation on ``reference_targets`` (the same GT, or H-DETR's repeated copies)."""
+
+    def ours():
+        labels = [t["labels"] for t in targets]
+        boxes = [t["boxes"] for t in targets]
+        for o in outputs:
+            flat, _ = matching_cost_flat(o["pred_logits"], o["pred_boxes"], labels, boxes)
+            flat.cpu().numpy()
+
+    def reference():
+        for o in outputs:
+            reference_cost(o, reference_targets)
+
+    return ours, reference
+
+
+def _check_same_total(what: str, total_ours: float, total_ref: float) -> None:
+    """Both ways must reach the same optimal total cost, or the timings compare nothing."""
+    if abs(total_ours - total_ref) > 1e-4 * max(1.0, abs(total_ref)):
+        raise AssertionError(f"{what}: total cost differs, ours {total_ours} vs {total_ref}")
+
+
 def run(quick: bool = False, num_gts: Sequence[int] = (5, 20, 50, 100)) -> List[Dict]:
     """Times one step's matching both ways for each GT count; returns one row per count.
 
@@ -187,24 +211,12 @@ def run(quick: bool = False, num_gts: Sequence[int] = (5, 20, 50, 100)) -> List[
                 for c in split_costs(flat.cpu(), sizes, Q):
                     assign_scipy(c.numpy(), k)
 
-        def ours_cost():
-            labels = [t["labels"] for t in targets]
-            boxes = [t["boxes"] for t in targets]
-            for o in outputs:
-                flat, _ = matching_cost_flat(o["pred_logits"], o["pred_boxes"], labels, boxes)
-                flat.cpu().numpy()
-
-        def reference_cost_only():
-            for o in outputs:
-                reference_cost(o, targets)
+        ours_cost, reference_cost_only = _cost_only(outputs, targets, targets)
 
         with torch.no_grad():
             total_ours = _total_cost(outputs, targets, ours())
             total_ref = _total_cost(outputs, targets, reference())
-            if abs(total_ours - total_ref) > 1e-4 * max(1.0, abs(total_ref)):
-                raise AssertionError(
-                    f"G={num_gt}: total cost differs, ours {total_ours} vs usual {total_ref}"
-                )
+            _check_same_total(f"G={num_gt}", total_ours, total_ref)
             t_ours, t_ours_scipy, t_ref, c_ours, c_ref = _median_times(
                 [ours, ours_scipy, reference, ours_cost, reference_cost_only], reps, warmup
             )
@@ -261,26 +273,14 @@ def run_hybrid(quick: bool = False, num_gts: Sequence[int] = (5, 20, 50, 100)) -
         def reference():
             return [reference_match(o, repeated, 1) for o in outputs]
 
-        def ours_cost():
-            labels = [t["labels"] for t in targets]
-            boxes = [t["boxes"] for t in targets]
-            for o in outputs:
-                flat, _ = matching_cost_flat(o["pred_logits"], o["pred_boxes"], labels, boxes)
-                flat.cpu().numpy()
-
-        def reference_cost_only():
-            for o in outputs:
-                reference_cost(o, repeated)
+        ours_cost, reference_cost_only = _cost_only(outputs, targets, repeated)
 
         with torch.no_grad():
             total_ours = _total_cost(outputs, targets, ours())
             # their column j * G + g is copy j of GT g
             ref = [[(q, c % num_gt) for q, c in idx] for idx in reference()]
             total_ref = _total_cost(outputs, targets, ref)
-            if abs(total_ours - total_ref) > 1e-4 * max(1.0, abs(total_ref)):
-                raise AssertionError(
-                    f"hybrid G={num_gt}: total cost differs, ours {total_ours} vs {total_ref}"
-                )
+            _check_same_total(f"hybrid G={num_gt}", total_ours, total_ref)
             t_ours, t_ref, c_ours, c_ref = _median_times(
                 [ours, reference, ours_cost, reference_cost_only], reps, warmup
             )

@@ -9,7 +9,14 @@ import os
 import pytest
 import torch
 from detectron2.modeling import build_model
-from helpers import ROOT, load_script, tiny_cfg
+from helpers import (
+    ROOT,
+    batched_differences_without_padding_mask,
+    golden_fixture,
+    golden_model,
+    load_script,
+    tiny_cfg,
+)
 
 from align_detr.engine import AtomicCheckpointer, CheckpointLoadError
 from align_detr.formats import detect_format
@@ -20,15 +27,9 @@ convert = load_script("tools/convert_checkpoint.py")
 FIXTURES = ["golden_aligndetr.pt", "golden_dino.pt"]
 
 
-def fixture(name):
-    return torch.load(os.path.join(ROOT, "tests", "data", name), weights_only=True)
-
-
 @pytest.fixture(scope="module", params=FIXTURES)
 def golden(request, tmp_path_factory):
-    data = fixture(request.param)
-    tmp = str(tmp_path_factory.mktemp("golden"))
-    return data, check.build_from_fixture(data, tmp), tmp
+    return golden_model(request.param, tmp_path_factory)
 
 
 @pytest.mark.parametrize("setting", ["single_0", "single_1"])
@@ -46,8 +47,7 @@ def test_batched_inference_equals_theirs_without_the_padding_mask(golden):
     # reproduces that (ours masks it by default, so an image's detections do not depend on the
     # batch it is in).
     data, _, tmp = golden
-    model = check.build_from_fixture(data, tmp, "MODEL.ALIGN_DETR.TEST_PADDING_MASK", "False")
-    d = check.compare_inference(model, data, "batched")
+    d = batched_differences_without_padding_mask(data, tmp)
     assert d["labels_equal"] == 1.0 and d["scores"] < 1e-5 and d["boxes"] < 1e-4
 
 
@@ -61,7 +61,7 @@ def test_training_losses_equal_theirs(golden):
 def test_the_fixture_tells_the_two_stage_selection_rules_apart(tmp_path):
     # Their top-k picks padding / off-image tokens in image 0; never picking them changes the
     # detections, so a model with the masked rule cannot pass the tests above.
-    data = fixture("golden_aligndetr.pt")
+    data = golden_fixture("golden_aligndetr.pt")
     model = check.build_from_fixture(
         data, str(tmp_path), "MODEL.ALIGN_DETR.TWO_STAGE_SELECTION", "valid"
     )
@@ -78,7 +78,7 @@ def _save(tmp_path, state, name="ckpt.pth"):
 
 
 def test_official_checkpoint_is_detected_and_converted_with_one_log_line(tmp_path, caplog):
-    data = fixture("golden_aligndetr.pt")
+    data = golden_fixture("golden_aligndetr.pt")
     assert detect_format(data["checkpoint"]["model"]) == "detrex-dino"
     model = build_model(
         check.load_config(
@@ -95,7 +95,7 @@ def test_official_checkpoint_is_detected_and_converted_with_one_log_line(tmp_pat
 
 
 def test_mismatched_detection_checkpoint_is_refused(tmp_path):
-    data = fixture("golden_aligndetr.pt")
+    data = golden_fixture("golden_aligndetr.pt")
     # Their checkpoint into a model of another config (3 decoder layers instead of 2).
     opts = check.config_opts(data["arch"])
     opts += ["MODEL.ALIGN_DETR.DECODER.NUM_LAYERS", "3", "MODEL.ALIGN_DETR.LOSS.MATCH_K", "[2]"]
@@ -140,7 +140,7 @@ def test_other_class_count_fine_tunes_but_cannot_be_evaluated(tmp_path, caplog):
 
 
 def test_convert_checkpoint_both_ways(tmp_path):
-    state = fixture("golden_dino.pt")["checkpoint"]["model"]
+    state = golden_fixture("golden_dino.pt")["checkpoint"]["model"]
     src = _save(tmp_path, state, "detrex.pth")
     ours, back = str(tmp_path / "ours.pth"), str(tmp_path / "back.pth")
     assert convert.main([src, ours]) == 0

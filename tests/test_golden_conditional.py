@@ -2,11 +2,14 @@
 checkpointer) our outputs and losses equal those their code computed
 (tests/data/golden_conditional_detr.pt, written by tools/make_equivalence_fixture.py)."""
 
-import os
-
 import pytest
 import torch
-from helpers import ROOT, load_script
+from helpers import (
+    batched_differences_without_padding_mask,
+    golden_fixture,
+    golden_model,
+    load_script,
+)
 
 from align_detr.formats import detect_format, from_ours, to_ours
 
@@ -16,15 +19,9 @@ convert = load_script("tools/convert_checkpoint.py")
 NAME = "golden_conditional_detr.pt"
 
 
-def fixture():
-    return torch.load(os.path.join(ROOT, "tests", "data", NAME), weights_only=True)
-
-
 @pytest.fixture(scope="module")
 def golden(tmp_path_factory):
-    data = fixture()
-    tmp = str(tmp_path_factory.mktemp("golden_cond"))
-    return data, check.build_from_fixture(data, tmp), tmp
+    return golden_model(NAME, tmp_path_factory)
 
 
 @pytest.mark.parametrize("setting", ["single_0", "single_1"])
@@ -40,8 +37,7 @@ def test_inference_equals_theirs(golden, setting):
 def test_batched_inference_equals_theirs_without_the_padding_mask(golden):
     # Their inference sets the whole padding mask to zeros (padding read as image).
     data, _, tmp = golden
-    model = check.build_from_fixture(data, tmp, "MODEL.ALIGN_DETR.TEST_PADDING_MASK", "False")
-    d = check.compare_inference(model, data, "batched")
+    d = batched_differences_without_padding_mask(data, tmp)
     assert d["labels_equal"] == 1.0 and d["scores"] < 1e-5 and d["boxes"] < 1e-4
     assert d["layer_logits"] < 1e-4 and d["layer_boxes"] < 1e-5
 
@@ -64,7 +60,7 @@ def test_the_fixture_tells_the_decoder_padding_rules_apart(golden):
 
 
 def test_checkpoint_is_detected_and_converts_both_ways(tmp_path):
-    state = fixture()["checkpoint"]["model"]
+    state = golden_fixture(NAME)["checkpoint"]["model"]
     assert detect_format(state) == "detrex-conditional"
     ours, fmt = to_ours(state)
     assert fmt == "detrex-conditional" and detect_format(ours) == "ours"

@@ -9,7 +9,13 @@ import os
 import pytest
 import torch
 from detectron2.modeling import build_model
-from helpers import ROOT, load_script
+from helpers import (
+    ROOT,
+    batched_differences_without_padding_mask,
+    golden_fixture,
+    golden_model,
+    load_script,
+)
 
 from align_detr.formats import detect_format
 from align_detr.matching import HungarianMatcher, matching_cost
@@ -17,14 +23,12 @@ from align_detr.matching import HungarianMatcher, matching_cost
 check = load_script("tools/check_equivalence.py")
 convert = load_script("tools/convert_checkpoint.py")
 
-FIXTURE = os.path.join(ROOT, "tests", "data", "golden_h_deformable_detr.pt")
+NAME = "golden_h_deformable_detr.pt"
 
 
 @pytest.fixture(scope="module")
 def golden(tmp_path_factory):
-    data = torch.load(FIXTURE, weights_only=True)
-    tmp = str(tmp_path_factory.mktemp("golden_hdetr"))
-    return data, check.build_from_fixture(data, tmp), tmp
+    return golden_model(NAME, tmp_path_factory)
 
 
 @pytest.mark.parametrize("setting", ["single_0", "single_1"])
@@ -41,8 +45,7 @@ def test_inference_equals_theirs(golden, setting):
 
 def test_batched_inference_equals_theirs_without_the_padding_mask(golden):
     data, _, tmp = golden
-    model = check.build_from_fixture(data, tmp, "MODEL.ALIGN_DETR.TEST_PADDING_MASK", "False")
-    d = check.compare_inference(model, data, "batched")
+    d = batched_differences_without_padding_mask(data, tmp)
     assert d["labels_equal"] == 1.0 and d["scores"] < 1e-5 and d["boxes"] < 1e-4
     assert d["layer_logits"] < 1e-4 and d["enc_logits"] < 1e-4
 
@@ -98,7 +101,7 @@ def test_one_to_many_matching_equals_their_repeated_gt_hungarian(golden):
 
 
 def test_checkpoint_format_and_conversion_both_ways(tmp_path):
-    state = torch.load(FIXTURE, weights_only=True)["checkpoint"]["model"]
+    state = golden_fixture(NAME)["checkpoint"]["model"]
     assert detect_format(state) == "detrex-h-deformable"
     src = str(tmp_path / "detrex.pth")
     torch.save({"model": state}, src)

@@ -13,7 +13,7 @@ Shapes: N images, Q queries, S = H * W memory tokens, d = d_model, h heads.
 """
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,13 +21,14 @@ from torch import nn
 
 from align_detr.layers import FFN
 
-from .encoder import EncoderMemory
+from .encoder import EncoderMemory, valid_ratios_of
 
 __all__ = [
     "ConditionalCrossAttention",
     "ConditionalCrossAttentionBlock",
     "ConditionalSelfAttention",
     "ConditionalSelfAttentionBlock",
+    "DetrEncoder",
     "DetrEncoderLayer",
     "SingleScaleMemory",
 ]
@@ -194,3 +195,36 @@ class DetrEncoderLayer(nn.Module):
         q = k = src + pos
         out = self.self_attn(q, k, src, key_padding_mask=padding_mask, need_weights=False)[0]
         return self.ffn(self.norm(src + self.dropout(out)))
+
+
+class DetrEncoder(nn.Module):
+    """Flattens the single level and runs the DETR encoder layers.
+
+    Args:
+        layers: :class:`DetrEncoderLayer`.
+        decoder_padding_mask: whether the decoder's cross-attention ignores the padding.
+    """
+
+    def __init__(self, layers: List[nn.Module], decoder_padding_mask: bool = True):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.decoder_padding_mask = decoder_padding_mask
+
+    def forward(self, src, mask, pos) -> SingleScaleMemory:
+        """src, pos: (N, d, H, W); mask: (N, H, W) bool, True on padding."""
+        h, w = int(src.shape[-2]), int(src.shape[-1])
+        x = src.flatten(2).transpose(1, 2)
+        pos = pos.flatten(2).transpose(1, 2)
+        padding = mask.flatten(1)
+        for layer in self.layers:
+            x = layer(x, pos, padding)
+        return SingleScaleMemory(
+            memory=x,
+            padding_mask=padding,
+            spatial_shapes=torch.as_tensor([(h, w)], dtype=torch.long),
+            level_start_index=torch.zeros(1, dtype=torch.long),
+            valid_ratios=valid_ratios_of([mask]),
+            shapes=[(h, w)],
+            pos=pos,
+            decoder_mask=padding if self.decoder_padding_mask else None,
+        )

@@ -13,7 +13,13 @@ from torch import nn
 
 from align_detr.layers import FFN, MSDeformAttn
 
-__all__ = ["DeformableEncoder", "EncoderLayer", "EncoderMemory", "valid_ratios_of"]
+__all__ = [
+    "DeformableEncoder",
+    "EncoderLayer",
+    "EncoderMemory",
+    "init_deformable_transformer",
+    "valid_ratios_of",
+]
 
 
 @dataclass
@@ -134,3 +140,17 @@ class DeformableEncoder(nn.Module):
         return EncoderMemory(
             memory, padding_mask, spatial_shapes, level_start_index, valid_ratios, shapes
         )
+
+
+def init_deformable_transformer(root: nn.Module, dense_modules: List[nn.Module]) -> None:
+    """The released deformable DETRs' initialisation: Xavier for every matrix of
+    ``dense_modules``, then each :class:`MSDeformAttn` under ``root`` back to its own init
+    (zero offsets on a fixed ring, uniform attention). Embeddings and modules not listed keep
+    theirs."""
+    for module in dense_modules:
+        for p in module.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+    for m in root.modules():
+        if isinstance(m, MSDeformAttn):
+            m.reset_parameters()

@@ -4,12 +4,16 @@ from align_detr.utils.synthetic import batched_input, synthetic_image
 
 from .coco import register_coco, unregister, write_coco
 from .configs import ROOT, config_path, repo_cfg, tiny_cfg
+from .golden import batched_differences_without_padding_mask, golden_fixture, golden_model
 from .scripts import load_script, run_train_net
 
 __all__ = [
     "ROOT",
+    "batched_differences_without_padding_mask",
     "batched_input",
     "config_path",
+    "golden_fixture",
+    "golden_model",
     "load_script",
     "register_coco",
     "repo_cfg",

@@ -24,12 +24,12 @@ from align_detr.layers import MLP, PositionEmbeddingSine, box_sine_embedding, in
 from ..conditional_layers import (
     ConditionalCrossAttentionBlock,
     ConditionalSelfAttentionBlock,
+    DetrEncoder,
     DetrEncoderLayer,
     SingleScaleMemory,
 )
 from ..decoder import DecoderLayer
 from ..decoupled import DecoupledDecoderLayer, per_stream
-from ..encoder import valid_ratios_of
 from ..heads import DetectionHeads
 from ..streams import StreamEmbedding, Streams
 from ..task_aware import TaskAwareQueryGenerator
@@ -51,39 +51,6 @@ class InputProjection(nn.Module):
 
     def forward(self, features: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
         return [self.proj(features[self.in_feature])]
-
-
-class DetrEncoder(nn.Module):
-    """Flattens the single level and runs the DETR encoder layers.
-
-    Args:
-        layers: :class:`~align_detr.modeling.conditional_layers.DetrEncoderLayer`.
-        decoder_padding_mask: whether the decoder's cross-attention ignores the padding.
-    """
-
-    def __init__(self, layers: List[nn.Module], decoder_padding_mask: bool = True):
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
-        self.decoder_padding_mask = decoder_padding_mask
-
-    def forward(self, src, mask, pos) -> SingleScaleMemory:
-        """src, pos: (N, d, H, W); mask: (N, H, W) bool, True on padding."""
-        h, w = int(src.shape[-2]), int(src.shape[-1])
-        x = src.flatten(2).transpose(1, 2)
-        pos = pos.flatten(2).transpose(1, 2)
-        padding = mask.flatten(1)
-        for layer in self.layers:
-            x = layer(x, pos, padding)
-        return SingleScaleMemory(
-            memory=x,
-            padding_mask=padding,
-            spatial_shapes=torch.as_tensor([(h, w)], dtype=torch.long),
-            level_start_index=torch.zeros(1, dtype=torch.long),
-            valid_ratios=valid_ratios_of([mask]),
-            shapes=[(h, w)],
-            pos=pos,
-            decoder_mask=padding if self.decoder_padding_mask else None,
-        )
 
 
 class ConditionalDecoder(nn.Module):

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from align_detr.layers import MSDeformAttn, PositionEmbeddingSine, inverse_sigmoid
+from align_detr.layers import PositionEmbeddingSine, inverse_sigmoid
 
 from ..decoder import (
     DecoderLayer,
@@ -22,7 +22,7 @@ from ..decoder import (
 from ..decoupled import DecoupledDecoderLayer, TaskAwareQueryGenerator
 from ..denoising import ContrastiveDenoising
 from ..streams import StreamEmbedding
-from ..encoder import DeformableEncoder, EncoderLayer
+from ..encoder import DeformableEncoder, EncoderLayer, init_deformable_transformer
 from ..heads import DetectionHeads
 from ..neck import ChannelMapper
 from ..two_stage import LearntContentQueries, TwoStageQuerySelector
@@ -61,13 +61,9 @@ class DINOTransformer(nn.Module):
     def _reset_parameters(self):
         # Xavier for the matrices of the encoder, decoder and proposal projection; the
         # deformable attentions, embeddings and the query generator keep their own init.
-        for module in (self.encoder.layers, self.decoder, self.query_selector.enc_output):
-            for p in module.parameters():
-                if p.dim() > 1:
-                    nn.init.xavier_uniform_(p)
-        for m in self.modules():
-            if isinstance(m, MSDeformAttn):
-                m.reset_parameters()
+        init_deformable_transformer(
+            self, [self.encoder.layers, self.decoder, self.query_selector.enc_output]
+        )
 
     def forward(self, srcs, masks, pos, heads: DetectionHeads, targets=None) -> Dict:
         """See :mod:`align_detr.modeling.bases` for the contract."""

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from align_detr.layers import (
-    MSDeformAttn,
     PositionEmbeddingSine,
     box_sine_embedding,
     inverse_sigmoid,
@@ -35,7 +34,7 @@ from ..decoder import (
     DeformableDecoder,
     SelfAttentionBlock,
 )
-from ..encoder import DeformableEncoder, EncoderLayer
+from ..encoder import DeformableEncoder, EncoderLayer, init_deformable_transformer
 from ..heads import DetectionHeads
 from ..neck import ChannelMapper
 from ..two_stage import LearntContentQueries, TwoStageQuerySelector
@@ -102,18 +101,10 @@ class HDeformableTransformer(nn.Module):
         # Xavier for every matrix of the transformer (as detrex's init_weights); then the
         # deformable attentions' own init. The level embedding and the content queries keep
         # their N(0, 1).
-        for module in (
-            self.encoder.layers,
-            self.decoder,
-            self.query_selector.enc_output,
-            self.pos_trans,
-        ):
-            for p in module.parameters():
-                if p.dim() > 1:
-                    nn.init.xavier_uniform_(p)
-        for m in self.modules():
-            if isinstance(m, MSDeformAttn):
-                m.reset_parameters()
+        init_deformable_transformer(
+            self,
+            [self.encoder.layers, self.decoder, self.query_selector.enc_output, self.pos_trans],
+        )
 
     @property
     def hybrid(self) -> bool:
