@@ -1,12 +1,10 @@
 """The Conditional DETR base: its conditional attention layers, shapes and gradients, padding,
 its configs, and a training step through the real trainer."""
 
-import os
-
 import pytest
 import torch
 from detectron2.modeling import build_model
-from helpers import ROOT, batched_input, repo_cfg, run_train_net, synthetic_image
+from helpers import batched_input, repo_cfg, synthetic_image, train_then_evaluate
 
 from align_detr.modeling.conditional_layers import (
     ConditionalCrossAttention,
@@ -240,21 +238,6 @@ SD_OPTS = [
 
 @pytest.mark.parametrize("sd", [False, True], ids=["conditional", "sd_conditional"])
 def test_trains_and_evaluates_through_train_net(tiny_dataset, tmp_path, sd):
-    out_dir = str(tmp_path / "out")
-    base = ["--config-file", os.path.join(ROOT, "configs", "tiny_cond_test.yaml")]
-    opts = [
-        "DATASETS.TRAIN",
-        f"('{tiny_dataset}',)",
-        "DATASETS.TEST",
-        f"('{tiny_dataset}',)",
-        "MODEL.ALIGN_DETR.NUM_CLASSES",
-        "2",
-        "OUTPUT_DIR",
-        out_dir,
-        *(SD_OPTS if sd else []),
-    ]
-    run_train_net(base + opts)
-    res = run_train_net(
-        base + ["--eval-only"] + opts + ["MODEL.WEIGHTS", os.path.join(out_dir, "model_final.pth")]
-    )
+    opts = SD_OPTS if sd else []
+    res = train_then_evaluate("tiny_cond_test.yaml", tiny_dataset, str(tmp_path / "out"), opts)
     assert 0.0 <= res["bbox"]["AP"] <= 100.0

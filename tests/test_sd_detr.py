@@ -1,11 +1,9 @@
 """SD-DETR: the decoupled decoder, task-aware queries and the task-alignment loss."""
 
-import os
-
 import pytest
 import torch
 from detectron2.modeling import build_model
-from helpers import ROOT, batched_input, run_train_net, synthetic_image, tiny_cfg
+from helpers import batched_input, synthetic_image, tiny_cfg, train_then_evaluate
 
 from align_detr.layers import FFN, MSDeformAttn
 from align_detr.losses.tal import tal_cls_loss
@@ -164,23 +162,6 @@ def test_task_aware_queries_need_the_decoupled_decoder():
 def test_decoupled_model_trains_and_evaluates_through_train_net(
     tiny_dataset, tmp_path
 ):  # noqa: F811
-    out_dir = str(tmp_path / "out")
-    base = ["--config-file", os.path.join(ROOT, "configs", "tiny_test.yaml")]
-    opts = [
-        "DATASETS.TRAIN",
-        f"('{tiny_dataset}',)",
-        "DATASETS.TEST",
-        f"('{tiny_dataset}',)",
-        "MODEL.ALIGN_DETR.NUM_CLASSES",
-        "2",
-        "MODEL.ALIGN_DETR.LOSS.TYPE",
-        "tal",
-        "OUTPUT_DIR",
-        out_dir,
-        *SD,
-    ]
-    run_train_net(base + opts)
-    res = run_train_net(
-        base + ["--eval-only"] + opts + ["MODEL.WEIGHTS", os.path.join(out_dir, "model_final.pth")]
-    )
+    opts = ["MODEL.ALIGN_DETR.LOSS.TYPE", "tal", *SD]
+    res = train_then_evaluate("tiny_test.yaml", tiny_dataset, str(tmp_path / "out"), opts)
     assert 0.0 <= res["bbox"]["AP"] <= 100.0

@@ -5,7 +5,7 @@ from align_detr.utils.synthetic import batched_input, synthetic_image
 from .coco import register_coco, unregister, write_coco
 from .configs import ROOT, config_path, repo_cfg, tiny_cfg
 from .golden import batched_differences_without_padding_mask, golden_fixture, golden_model
-from .scripts import load_script, run_train_net
+from .scripts import load_script, run_train_net, train_then_evaluate
 
 __all__ = [
     "ROOT",
@@ -20,6 +20,7 @@ __all__ = [
     "run_train_net",
     "synthetic_image",
     "tiny_cfg",
+    "train_then_evaluate",
     "unregister",
     "write_coco",
 ]
