@@ -3,7 +3,7 @@
 import pytest
 import torch
 from detectron2.modeling import build_model
-from helpers import batched_input, synthetic_image, tiny_cfg, train_then_evaluate
+from helpers import batched_input, sgd_steps, synthetic_image, tiny_cfg, train_then_evaluate
 
 from align_detr.layers import FFN, MSDeformAttn
 from align_detr.losses.tal import tal_cls_loss
@@ -30,17 +30,8 @@ def test_decoupled_outputs_and_gradients_reach_both_streams(dn):
     model = build_model(tiny_cfg(*SD, "MODEL.ALIGN_DETR.DN.ENABLED", dn)).train()
     img = synthetic_image(boxes=BOXES)
     batch = [batched_input(img, BOXES, [0, 1]), batched_input(img)]
-    # The box heads' last layers start at zero, so at initialisation no gradient reaches the
-    # localisation stream through them; one optimiser step opens that path.
-    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    for _ in range(2):
-        losses = model(batch)
-        assert all(torch.isfinite(v) for v in losses.values())
-        opt.zero_grad()
-        sum(losses.values()).backward()
-        opt.step()
+    losses = sgd_steps(model, batch)  # opens the localisation path (zero-initialised box heads)
     assert ("loss_class_dn" in losses) == (dn == "True")
-    opt.zero_grad()
     sum(model(batch).values()).backward()
     for layer in model.transformer.decoder.layers:
         for cross in (layer.cross_cls.attn, layer.cross_loc.attn):

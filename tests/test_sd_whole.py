@@ -5,7 +5,7 @@ stream embedding, Table 3's split decoder; shapes and gradients of both streams.
 import pytest
 import torch
 from detectron2.modeling import build_model
-from helpers import batched_input, repo_cfg, synthetic_image, tiny_cfg
+from helpers import batched_input, repo_cfg, sgd_steps, synthetic_image, tiny_cfg
 
 from align_detr.modeling import Streams
 from align_detr.modeling.decoder import SelfAttentionBlock
@@ -158,20 +158,12 @@ def test_both_streams_train_on_both_bases(base, predictor):
     batch = [batched_input(img, BOXES, [0, 1]), batched_input(img[:96, :112], BOXES[:1], [1])]
     seen = {}
     hook = model.transformer.register_forward_hook(lambda m, i, o: seen.update(out=o))
-    # the box heads' last layers start at zero: one step opens the localisation path
-    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    for _ in range(2):
-        losses = model(batch)
-        assert all(torch.isfinite(v) for v in losses.values())
-        opt.zero_grad()
-        sum(losses.values()).backward()
-        opt.step()
+    losses = sgd_steps(model, batch)  # opens the localisation path (zero-initialised box heads)
     hook.remove()
     assert "loss_class_enc" in losses  # the mini-detector / encoder proposals are supervised
     k = seen["out"]["enc"]["pred_logits"].shape[1]  # top-K, at most the encoder's tokens
     last = seen["out"]["layers"][-1]
     assert last["pred_logits"].shape[1:] == (k, 2) and last["pred_boxes"].shape[1:] == (k, 4)
-    opt.zero_grad()
     sum(model(batch).values()).backward()
     t = model.transformer
     for layer in t.decoder.layers:

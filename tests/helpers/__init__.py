@@ -6,6 +6,7 @@ from .coco import register_coco, unregister, write_coco
 from .configs import ROOT, config_path, repo_cfg, tiny_cfg
 from .golden import batched_differences_without_padding_mask, golden_fixture, golden_model
 from .scripts import load_script, run_train_net, train_then_evaluate
+from .steps import sgd_steps
 
 __all__ = [
     "ROOT",
@@ -18,6 +19,7 @@ __all__ = [
     "register_coco",
     "repo_cfg",
     "run_train_net",
+    "sgd_steps",
     "synthetic_image",
     "tiny_cfg",
     "train_then_evaluate",
