@@ -158,7 +158,7 @@ def test_rotation90_moves_pixels_and_boxes_together(k):
     t = Rotation90Transform(h, w, k)
     out = t.apply_image(image)
     assert out.shape[:2] == ((w, h) if k % 2 else (h, w))
-    (x0, y0, x1, y1) = t.apply_box(box)[0]
+    x0, y0, x1, y1 = t.apply_box(box)[0]
     ys, xs = np.nonzero(out[..., 0])
     assert (x0, y0, x1, y1) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
     assert np.array_equal(t.inverse().apply_image(out), image)
