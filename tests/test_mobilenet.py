@@ -62,6 +62,37 @@ def test_freeze_at_and_frozen_bn():
         MobileNetV2Backbone(("res5",), pretrained=False)
 
 
+@pytest.mark.parametrize("freeze_at", [0, 1, 3, 5])
+def test_folded_frozen_trunk_equals_the_plain_network(freeze_at):
+    """The frozen blocks run with their BN folded into the convolutions, in channels-last
+    layout: outputs and the trainable parameters' gradients equal the unfolded, contiguous
+    network's (torchvision's modules called one by one)."""
+    torch.manual_seed(0)
+    b = MobileNetV2Backbone(("s8", "s16", "s32"), freeze_at=freeze_at, pretrained=False)
+    for m in b.modules():  # non-trivial frozen statistics, so a wrong fold shows
+        if isinstance(m, FrozenBatchNorm2d):
+            m.running_mean.normal_(0, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.normal_(0, 0.1)
+    x = torch.randn(2, 3, 67, 93)
+    outs = b(x)
+    ref, y = {}, x
+    names = {6: "s8", 13: "s16", 18: "s32"}
+    for i, block in enumerate(b.features):
+        y = block(y)
+        if i in names:
+            ref[names[i]] = y
+    for name in ref:
+        torch.testing.assert_close(outs[name], ref[name], atol=1e-5, rtol=1e-5)
+    trainable = [p for p in b.parameters() if p.requires_grad]
+    if trainable:
+        grads = torch.autograd.grad(sum(o.square().mean() for o in outs.values()), trainable)
+        ref_grads = torch.autograd.grad(sum(o.square().mean() for o in ref.values()), trainable)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+
+
 @needs_weights
 def test_imagenet_weights_load_and_classify():
     import torchvision
