@@ -61,6 +61,10 @@ def add_align_detr_config(cfg):
     # Mask the padding of batched images at inference. The released code does not (its outputs
     # for an image then depend on the other images of the batch); at batch size 1 both agree.
     c.TEST_PADDING_MASK = True
+    # Class-wise NMS over the kept detections at this IoU; 0 turns it off (the DETR default: the
+    # one-to-one last layer learns not to duplicate). The released DINO code has the same option
+    # (nms_iou_threshold); it helps short schedules whose last layer still duplicates.
+    c.TEST_NMS_THRESH = 0.0
 
     c.ENCODER = CN()
     c.ENCODER.NUM_LAYERS = 6

@@ -106,6 +106,31 @@ def test_inference_output_format():
     assert inst.pred_classes.max() < 80
 
 
+@pytest.mark.parametrize("thresh", [0.0, 0.5])
+def test_inference_nms_option(thresh):
+    """TEST_NMS_THRESH drops a lower-scored same-class box overlapping a kept one above the
+    threshold; other classes and boxes below it stay; 0 keeps everything."""
+    model = build_model(tiny_cfg("MODEL.ALIGN_DETR.TEST_NMS_THRESH", str(thresh))).eval()
+    # cxcywh (normalised), 3 queries x 2 classes: query 1 is query 0 shifted (IoU 0.82), query
+    # 2 far away; logits make class 0 of every query and class 1 of query 1 the top scores.
+    boxes = torch.tensor([[[0.3, 0.3, 0.2, 0.2], [0.31, 0.31, 0.2, 0.2], [0.8, 0.8, 0.1, 0.1]]])
+    logits = torch.tensor([[[3.0, -9.0], [2.0, 1.0], [1.5, -9.0]]])
+    out = model.postprocess(
+        {"pred_logits": logits, "pred_boxes": boxes}, [(100, 100)], [{"height": 100, "width": 100}]
+    )
+    inst = out[0]["instances"]
+    got = sorted(zip(inst.scores.tolist(), inst.pred_classes.tolist()), reverse=True)
+    kept = [(s, c) for s, c in got if s > 0.5]
+    expected = [(3.0, 0), (2.0, 0), (1.5, 0), (1.0, 1)]
+    if thresh:
+        expected.remove((2.0, 0))  # query 1, class 0: a duplicate of query 0
+    assert [c for _, c in kept] == [c for _, c in expected]
+    want = torch.tensor([x for x, _ in expected]).sigmoid()
+    torch.testing.assert_close(torch.tensor([s for s, _ in kept]), want)
+    with pytest.raises(ValueError, match="test_nms_thresh"):
+        build_model(tiny_cfg("MODEL.ALIGN_DETR.TEST_NMS_THRESH", "1.5"))
+
+
 def test_overfits_one_image_and_finds_both_boxes():
     torch.manual_seed(0)
     cfg = tiny_cfg("MODEL.ALIGN_DETR.NUM_CLASSES", "2")

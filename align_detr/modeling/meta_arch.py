@@ -11,6 +11,7 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
+from detectron2.layers import batched_nms
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
@@ -68,7 +69,7 @@ def build_criterion(cfg, num_matched_outputs: int, **base_options) -> SetCriteri
 class AlignDETR(nn.Module):
     """A DETR detector: training returns the loss dict; inference returns one
     ``{"instances": Instances}`` per image with pred_boxes, scores and pred_classes (top
-    ``num_select`` over query x class of the last decoder layer, no NMS).
+    ``num_select`` over query x class of the last decoder layer; NMS only when asked).
 
     Args:
         backbone: a detectron2 Backbone.
@@ -79,6 +80,7 @@ class AlignDETR(nn.Module):
         pixel_mean, pixel_std: per-channel input normalisation.
         test_padding_mask: mask the padding of batched images at inference (the released DINO /
             Align-DETR code treats it as image there).
+        test_nms_thresh: IoU of the class-wise NMS over each image's kept detections; 0: none.
     """
 
     @configurable
@@ -95,6 +97,7 @@ class AlignDETR(nn.Module):
         pixel_mean: List[float],
         pixel_std: List[float],
         test_padding_mask: bool = True,
+        test_nms_thresh: float = 0.0,
     ):
         super().__init__()
         self.backbone = backbone
@@ -105,6 +108,11 @@ class AlignDETR(nn.Module):
         self.criterion = criterion
         self.num_select = num_select
         self.test_padding_mask = test_padding_mask
+        if not 0.0 <= test_nms_thresh <= 1.0:
+            raise ValueError(
+                f"test_nms_thresh must be in [0, 1] (0: no NMS), got {test_nms_thresh}"
+            )
+        self.test_nms_thresh = test_nms_thresh
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -124,6 +132,7 @@ class AlignDETR(nn.Module):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "test_padding_mask": cfg.MODEL.ALIGN_DETR.TEST_PADDING_MASK,
+            "test_nms_thresh": cfg.MODEL.ALIGN_DETR.TEST_NMS_THRESH,
         }
 
     @property
@@ -199,6 +208,10 @@ class AlignDETR(nn.Module):
             inst.pred_boxes = Boxes(xyxy[i] * scale)
             inst.scores = scores[i]
             inst.pred_classes = labels[i]
+            if self.test_nms_thresh > 0:
+                inst = inst[
+                    batched_nms(inst.pred_boxes.tensor, scores[i], labels[i], self.test_nms_thresh)
+                ]
             x = batched_inputs[i]
             height, width = x.get("height", ih), x.get("width", iw)
             # detector_postprocess rescales to the requested size and clips to it
