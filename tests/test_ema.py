@@ -1,6 +1,6 @@
 # Copyright (c) align-detr contributors.
-"""EMA of the weights: the update rule, evaluation on the EMA weights (during training and with
---eval-only), and the EMA in checkpoints. Restoring it on resume is in test_resume.py."""
+"""EMA of the weights: the update rule, evaluation on the EMA weights (during training, with
+--eval-only and in the Predictor behind the demo), and the EMA in checkpoints. Restoring it on resume is in test_resume.py."""
 
 import os
 
@@ -10,7 +10,8 @@ import train_driver
 from torch import nn
 
 import train_net
-from align_detr.engine import Trainer
+from align_detr.config import load_config
+from align_detr.engine import Predictor, Trainer
 from align_detr.engine.hooks import ModelEMA
 
 
@@ -69,3 +70,8 @@ def test_training_evaluates_and_saves_the_ema(tmp_path, monkeypatch):
     train_net.main(args)
     for k in weights:
         torch.testing.assert_close(seen[0][k].float(), ema[k])
+
+    predictor = Predictor(load_config(args.config_file, args.opts))  # the demo's weights too
+    state = predictor.model.state_dict()
+    for k in weights:
+        torch.testing.assert_close(state[k].float(), ema[k])

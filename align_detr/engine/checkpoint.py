@@ -1,6 +1,7 @@
 # Copyright (c) align-detr contributors.
 """A ``DetectionCheckpointer`` that writes atomically and fails clearly on a bad file."""
 
+import logging
 import os
 import pickle
 import warnings
@@ -231,3 +232,32 @@ def load_checkpoint(
     if ema is not None and not ema.loaded and "ema" in checkpoint:
         ema.load_state_dict(checkpoint["ema"])  # MODEL.WEIGHTS: checkpointables are not read
     return checkpoint, resumed
+
+
+def load_for_inference(cfg, model: torch.nn.Module, resume: bool = False) -> None:
+    """Loads the weights that ``--eval-only``, the demo and :class:`Predictor` run: OUTPUT_DIR's
+    last checkpoint with ``resume``, else ``MODEL.WEIGHTS``; every parameter must be loaded.
+    With ``MODEL.ALIGN_DETR.EMA.ENABLED`` the checkpoint's EMA weights, as training's
+    evaluations use them (a warning and the plain weights when the file has none)."""
+    from .hooks import ModelEMA  # hooks imports the data package; keep this module light
+
+    checkpointer = AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR, require_all=True)
+    ema = (
+        ModelEMA(model, cfg.MODEL.ALIGN_DETR.EMA.DECAY)
+        if cfg.MODEL.ALIGN_DETR.EMA.ENABLED
+        else None
+    )
+    if ema is not None:
+        checkpointer.add_checkpointable("ema", ema)
+    load_checkpoint(checkpointer, cfg.MODEL.WEIGHTS, resume, ema)
+    if ema is None:
+        return
+    logger = logging.getLogger(__name__)
+    if ema.loaded:
+        ema.copy_to(model)
+        logger.info("Using the EMA weights")
+    else:
+        logger.warning(
+            "MODEL.ALIGN_DETR.EMA.ENABLED but the checkpoint has no EMA weights; "
+            "using its plain weights."
+        )

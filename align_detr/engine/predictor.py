@@ -19,7 +19,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Instances
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-from .checkpoint import AtomicCheckpointer
+from .checkpoint import load_for_inference
 
 __all__ = ["Predictor", "dataset_metadata", "draw_predictions"]
 
@@ -72,7 +72,7 @@ class Predictor:
         self.confidence_threshold = confidence_threshold
         self.metadata = dataset_metadata(cfg)
         self.model = build_model(cfg).eval()
-        AtomicCheckpointer(self.model, require_all=True).load(weights)
+        load_for_inference(cfg, self.model)  # the EMA weights when EMA.ENABLED
         self.resize = T.ResizeShortestEdge(
             [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
         )

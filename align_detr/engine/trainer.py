@@ -20,7 +20,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..data import DetrDatasetMapper, build_resumable_train_loader
-from .checkpoint import AtomicCheckpointer, load_checkpoint
+from .checkpoint import AtomicCheckpointer, load_checkpoint, load_for_inference
 from .d2_compat import FiniteLossCheckMixin, set_writer_period, wrap_eval_function
 from .hooks import EMAHook, ModelEMA, ResumeStateHook
 from .solver import build_detr_optimizer
@@ -138,24 +138,10 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def load_for_evaluation(cls, cfg, model, resume: bool = False) -> None:
-        """Loads the weights ``--eval-only`` evaluates into ``model``: OUTPUT_DIR's last
-        checkpoint with ``resume``, else ``MODEL.WEIGHTS``; with ``MODEL.ALIGN_DETR.EMA.ENABLED``
-        the checkpoint's EMA weights, as training's evaluations use them."""
-        checkpointer = AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR, require_all=True)
-        ema = ModelEMA(model, cfg.MODEL.ALIGN_DETR.EMA.DECAY) if _ema_enabled(cfg) else None
-        if ema is not None:
-            checkpointer.add_checkpointable("ema", ema)
-        load_checkpoint(checkpointer, cfg.MODEL.WEIGHTS, resume, ema)
-        if ema is None:
-            return
-        if ema.loaded:
-            ema.copy_to(model)
-            logger.info("Evaluating the EMA weights")
-        else:
-            logger.warning(
-                "MODEL.ALIGN_DETR.EMA.ENABLED but the checkpoint has no EMA weights; "
-                "evaluating its plain weights."
-            )
+        """Loads the weights ``--eval-only`` evaluates into ``model``
+        (:func:`~align_detr.engine.checkpoint.load_for_inference`: the EMA weights when
+        ``MODEL.ALIGN_DETR.EMA.ENABLED``)."""
+        load_for_inference(cfg, model, resume)
 
     def build_hooks(self):
         """detectron2's hooks, plus :class:`ResumeStateHook` and :class:`EMAHook`; evaluation
