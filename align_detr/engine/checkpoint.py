@@ -239,14 +239,10 @@ def load_for_inference(cfg, model: torch.nn.Module, resume: bool = False) -> Non
     last checkpoint with ``resume``, else ``MODEL.WEIGHTS``; every parameter must be loaded.
     With ``MODEL.ALIGN_DETR.EMA.ENABLED`` the checkpoint's EMA weights, as training's
     evaluations use them (a warning and the plain weights when the file has none)."""
-    from .hooks import ModelEMA  # hooks imports the data package; keep this module light
+    from .hooks import build_ema  # hooks imports the data package; keep this module light
 
     checkpointer = AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR, require_all=True)
-    ema = (
-        ModelEMA(model, cfg.MODEL.ALIGN_DETR.EMA.DECAY)
-        if cfg.MODEL.ALIGN_DETR.EMA.ENABLED
-        else None
-    )
+    ema = build_ema(cfg, model)
     if ema is not None:
         checkpointer.add_checkpointable("ema", ema)
     load_checkpoint(checkpointer, cfg.MODEL.WEIGHTS, resume, ema)

@@ -16,7 +16,7 @@ from ..data import ResumableBatchSampler
 from ..utils.seed import derive_seed, seed_all_rngs
 from .d2_compat import history_state, restore_history
 
-__all__ = ["EMAHook", "ModelEMA", "ResumeStateHook", "unwrap_model"]
+__all__ = ["EMAHook", "ModelEMA", "ResumeStateHook", "build_ema", "unwrap_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,13 @@ class ModelEMA:
                 self.state[k].copy_(v)
         self.updates = int(state.get("updates", 0))
         self.loaded = True
+
+
+def build_ema(cfg, model: nn.Module) -> Optional[ModelEMA]:
+    """A :class:`ModelEMA` of ``model`` when ``MODEL.ALIGN_DETR.EMA.ENABLED``, else None."""
+    if not cfg.MODEL.ALIGN_DETR.EMA.ENABLED:
+        return None
+    return ModelEMA(model, cfg.MODEL.ALIGN_DETR.EMA.DECAY)
 
 
 class EMAHook(HookBase):

@@ -22,7 +22,7 @@ from detectron2.utils.logger import setup_logger
 from ..data import DetrDatasetMapper, build_resumable_train_loader
 from .checkpoint import AtomicCheckpointer, load_checkpoint, load_for_inference
 from .d2_compat import FiniteLossCheckMixin, set_writer_period, wrap_eval_function
-from .hooks import EMAHook, ModelEMA, ResumeStateHook
+from .hooks import EMAHook, ResumeStateHook, build_ema
 from .solver import build_detr_optimizer
 
 __all__ = ["Trainer", "check_finite_losses"]
@@ -101,7 +101,7 @@ class Trainer(DefaultTrainer):
         self.train_sampler = getattr(data_loader, "resumable_sampler", None)
 
         device = next(model.parameters()).device
-        self.ema = ModelEMA(model, cfg.MODEL.ALIGN_DETR.EMA.DECAY) if _ema_enabled(cfg) else None
+        self.ema = build_ema(cfg, model)
         model = create_ddp_model(
             model,
             broadcast_buffers=False,
@@ -207,10 +207,6 @@ class Trainer(DefaultTrainer):
             len(optimizer.param_groups),
         )
         return optimizer
-
-
-def _ema_enabled(cfg) -> bool:
-    return bool(cfg.MODEL.ALIGN_DETR.EMA.ENABLED)
 
 
 def _may_leave_parameters_unused(cfg) -> bool:
