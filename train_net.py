@@ -142,6 +142,8 @@ def main(args):
         model = Trainer.build_model(cfg)
         Trainer.load_for_evaluation(cfg, model, resume=args.resume)
         res = Trainer.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:
+            res.update(Trainer.test_with_TTA(cfg, model))
         if comm.is_main_process():
             verify_results(cfg, res)
         return res

@@ -176,6 +176,15 @@ def add_align_detr_config(cfg):
     # degrees (with RANDOM_FLIP "horizontal", all eight symmetries of the square).
     cfg.INPUT.RANDOM_ROTATE_90 = False
 
+    # Test-time augmentation (detectron2's TEST.AUG.ENABLED switches it on): the detector runs on
+    # the first VIEWS of the eight symmetries of the square (1, 2, 4 or 8; see
+    # modeling/test_time_augmentation.py) and their detections are fused by weighted box fusion
+    # at IoU > FUSION_IOU_THRESH. Scored after training and by --eval-only as "bbox_TTA", and
+    # used by the demo. detectron2's multi-scale keys (TEST.AUG.MIN_SIZES, MAX_SIZE, FLIP) are
+    # for its R-CNN TTA and not read here.
+    cfg.TEST.AUG.VIEWS = 8
+    cfg.TEST.AUG.FUSION_IOU_THRESH = 0.55
+
 
 def load_config(config_file: str, opts: Sequence[str] = (), freeze: bool = True):
     """The config of a YAML file plus command-line overrides, with the align-detr keys, checked.

@@ -46,6 +46,7 @@ def validate_config(cfg) -> None:
     Raises:
         ConfigError: listing every problem found, each naming its key.
     """
+    _validate_test_aug(cfg)
     c = cfg.MODEL.ALIGN_DETR
     problems = []
 
@@ -144,6 +145,17 @@ def validate_config(cfg) -> None:
         problems += base.check_config(cfg)
     if problems:
         raise ConfigError("invalid MODEL.ALIGN_DETR config: " + "; ".join(problems))
+
+
+def _validate_test_aug(cfg) -> None:
+    aug = cfg.TEST.AUG
+    problems = []
+    if aug.VIEWS not in (1, 2, 4, 8):
+        problems.append(f"VIEWS must be 1, 2, 4 or 8, got {aug.VIEWS}")
+    if not 0.0 < aug.FUSION_IOU_THRESH <= 1.0:
+        problems.append(f"FUSION_IOU_THRESH must be in (0, 1], got {aug.FUSION_IOU_THRESH}")
+    if problems:
+        raise ConfigError("invalid TEST.AUG config: " + "; ".join(problems))
 
 
 def _base_class(name: str):

@@ -66,6 +66,8 @@ def test_baseline_peer_trains_for_its_budget_and_is_scored_the_same_way(tiny_dat
             "128",
             "DATALOADER.NUM_WORKERS",
             "0",
+            "TEST.AUG.VIEWS",  # scored also with test-time augmentation, as the quickstart
+            "2",
             "OUTPUT_DIR",
             str(out),
         ]
@@ -73,4 +75,5 @@ def test_baseline_peer_trains_for_its_budget_and_is_scored_the_same_way(tiny_dat
     assert 1 <= summary["iterations"] < 2000  # the budget, not MAX_ITER, ended training
     assert summary["train_seconds"] >= 3
     assert 0.0 <= summary["bbox"]["AP50"] <= 100.0
+    assert 0.0 <= summary["bbox_TTA"]["AP50"] <= 100.0
     assert (out / "model_final.pth").is_file() and (out / "summary.json").is_file()

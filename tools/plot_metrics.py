@@ -47,8 +47,9 @@ def read_metrics(path: str) -> Tuple[Series, Series]:
     return as_series(losses), as_series(aps)
 
 
-def last_eval(metrics_path: str) -> dict:
-    """The last record of ``metrics.json`` that holds ``bbox/AP`` (empty dict if none)."""
+def last_eval(metrics_path: str, key: str = "bbox/AP") -> dict:
+    """The last record of ``metrics.json`` that holds ``key`` (empty dict if none); e.g.
+    ``"bbox_TTA/AP"`` for the score with test-time augmentation."""
     found = {}
     if os.path.exists(metrics_path):
         with open(metrics_path) as f:
@@ -57,7 +58,7 @@ def last_eval(metrics_path: str) -> dict:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                if "bbox/AP" in rec:
+                if key in rec:
                     found = rec
     return found
 

@@ -4,8 +4,10 @@
 
 Reads ``OUTPUT_DIR`` of the config (``output/quickstart``): ``model_final.pth`` and
 ``metrics.json``. Writes ``demo/<image>.png`` (predictions red with scores, ground truth green)
-for every image of ``DATASETS.TEST[0]``, and ``metrics.png``; prints AP, AP50, AP75 of the last
-evaluation and the time since ``--start`` (a Unix time, e.g. from ``date +%s``).
+for every image of ``DATASETS.TEST[0]`` (with the test-time augmentation when
+``TEST.AUG.ENABLED``), and ``metrics.png``; prints AP, AP50, AP75 of the last evaluation (and of
+the one with test-time augmentation) and the time since ``--start`` (a Unix time, e.g. from
+``date +%s``).
 
 Example::
 
@@ -68,15 +70,18 @@ def main(argv=None):
             f"{len(gt)} ground-truth boxes)"
         )
 
-    res = last_eval(metrics)
     print("=" * 64)
     print(f"quickstart summary ({cfg.DATASETS.TEST[0]}, held out, COCO bbox metrics):")
-    if res:
-        print(
-            f"  AP {res['bbox/AP']:.1f}   AP50 {res['bbox/AP50']:.1f}   "
-            f"AP75 {res['bbox/AP75']:.1f}   (last evaluation, after iteration {res['iteration']})"
-        )
-    else:
+    found = False
+    for task, what in (("bbox", "one view"), ("bbox_TTA", "test-time augmentation")):
+        res = last_eval(metrics, f"{task}/AP")
+        if res:
+            found = True
+            print(
+                f"  {what:>22}: AP {res[f'{task}/AP']:.1f}   AP50 {res[f'{task}/AP50']:.1f}   "
+                f"AP75 {res[f'{task}/AP75']:.1f}   (after iteration {res['iteration']})"
+            )
+    if not found:
         print("  no evaluation found in metrics.json")
     if args.start:
         minutes, seconds = divmod(int(time.time() - args.start), 60)

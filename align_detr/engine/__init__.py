@@ -16,6 +16,6 @@ from .solver import (
     get_detr_optimizer_params,
     maybe_add_full_model_gradient_clipping,
 )
-from .trainer import Trainer, check_finite_losses
+from .trainer import Trainer, check_finite_losses, test_with_tta
 
 __all__ = [k for k in globals().keys() if not k.startswith("_")]

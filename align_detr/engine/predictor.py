@@ -4,7 +4,8 @@
 :class:`Predictor` does what detectron2's ``DefaultPredictor`` does (test-time resize, input
 format, weights loading), loading weights with this project's checkpointer (other
 implementations' checkpoints are converted; every weight must load), with checks that fail with
-a plain message, plus a confidence threshold;
+a plain message, plus a confidence threshold and, with ``TEST.AUG.ENABLED``, test-time
+augmentation;
 :func:`draw_predictions` draws boxes, class names and scores with detectron2's ``Visualizer``.
 """
 
@@ -19,6 +20,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Instances
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
+from ..modeling.test_time_augmentation import build_tta_model
 from .checkpoint import load_for_inference
 
 __all__ = ["Predictor", "dataset_metadata", "draw_predictions"]
@@ -73,6 +75,8 @@ class Predictor:
         self.metadata = dataset_metadata(cfg)
         self.model = build_model(cfg).eval()
         load_for_inference(cfg, self.model)  # the EMA weights when EMA.ENABLED
+        if cfg.TEST.AUG.ENABLED:  # the inference that is scored as "bbox_TTA"
+            self.model = build_tta_model(cfg, self.model).eval()
         self.resize = T.ResizeShortestEdge(
             [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
         )

@@ -9,6 +9,7 @@ configs set ``WARMUP_ITERS`` 0, as the DINO / Align-DETR recipe has no warm-up).
 import logging
 import os
 import weakref
+from collections import OrderedDict
 from typing import Dict
 
 import torch
@@ -20,12 +21,13 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..data import DetrDatasetMapper, build_resumable_train_loader
+from ..modeling.test_time_augmentation import build_tta_model
 from .checkpoint import AtomicCheckpointer, load_checkpoint, load_for_inference
 from .d2_compat import FiniteLossCheckMixin, set_writer_period, wrap_eval_function
 from .hooks import EMAHook, ResumeStateHook, build_ema
 from .solver import build_detr_optimizer
 
-__all__ = ["Trainer", "check_finite_losses"]
+__all__ = ["Trainer", "check_finite_losses", "test_with_tta"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,18 @@ def check_finite_losses(loss_dict: Dict[str, torch.Tensor], iteration: int) -> N
             "step of this iteration was skipped. Lower SOLVER.BASE_LR, keep "
             "SOLVER.CLIP_GRADIENTS enabled, or check the data of this iteration."
         )
+
+
+def test_with_tta(trainer_cls, cfg, model) -> "OrderedDict[str, dict]":
+    """Scores ``model`` on ``cfg.DATASETS.TEST`` with test-time augmentation (``cfg.TEST.AUG``:
+    dihedral views fused by weighted box fusion) through ``trainer_cls.test`` and the
+    evaluators of ``trainer_cls``; the results are keyed "<task>_TTA" (``"bbox_TTA"``), as
+    detectron2's ``test_with_TTA``, and the evaluators write to ``OUTPUT_DIR/inference_TTA``."""
+    logger.info(f"Evaluating with test-time augmentation: {cfg.TEST.AUG.VIEWS} dihedral views")
+    folder = os.path.join(cfg.OUTPUT_DIR, "inference_TTA")
+    evaluators = [trainer_cls.build_evaluator(cfg, name, folder) for name in cfg.DATASETS.TEST]
+    results = trainer_cls.test(cfg, build_tta_model(cfg, model), evaluators)
+    return OrderedDict((f"{task}_TTA", metrics) for task, metrics in results.items())
 
 
 class _CheckedSimpleTrainer(FiniteLossCheckMixin, SimpleTrainer):
@@ -83,6 +97,8 @@ class Trainer(DefaultTrainer):
       saved in checkpoints (key ``"ema"``) and used for evaluation.
     * DDP also works on CPU (gloo): ``device_ids`` is only passed for CUDA models.
     * Every process checks its losses for NaN / inf at every iteration, naming the term.
+    * With ``TEST.AUG.ENABLED`` the final model is also scored with test-time augmentation
+      (:meth:`test_with_TTA`, results under ``"bbox_TTA"``).
     """
 
     #: Iterations between two writes of the metrics (console, metrics.json, TensorBoard).
@@ -143,6 +159,12 @@ class Trainer(DefaultTrainer):
         ``MODEL.ALIGN_DETR.EMA.ENABLED``)."""
         load_for_inference(cfg, model, resume)
 
+    @classmethod
+    def test_with_TTA(cls, cfg, model):
+        """COCO scores of ``model`` with test-time augmentation, keyed ``"bbox_TTA"``
+        (:func:`test_with_tta`)."""
+        return test_with_tta(cls, cfg, model)
+
     def build_hooks(self):
         """detectron2's hooks, plus :class:`ResumeStateHook` and :class:`EMAHook`; evaluation
         uses the EMA weights when enabled, and the checkpointer runs last in each iteration, so
@@ -151,6 +173,10 @@ class Trainer(DefaultTrainer):
         checkpointers = [h for h in ret if isinstance(h, hooks.PeriodicCheckpointer)]
         ret = [h for h in ret if not isinstance(h, hooks.PeriodicCheckpointer)]
         extra = []
+        if self.cfg.TEST.AUG.ENABLED:  # after training only, next to the last plain evaluation
+            last_eval = max(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook))
+            tta_eval = hooks.EvalHook(0, lambda: self.test_with_TTA(self.cfg, self.model))
+            ret.insert(last_eval + 1, tta_eval)
         if self.train_sampler is not None:
             extra.append(ResumeStateHook(self.train_sampler, self.cfg.OUTPUT_DIR))
         for h in ret:

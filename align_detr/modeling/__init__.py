@@ -8,5 +8,6 @@ from .meta_arch import AlignDETR, build_criterion
 from .mobilenet import MobileNetV2Backbone, build_mobilenet_v2_backbone
 from .neck import ChannelMapper
 from .streams import Streams
+from .test_time_augmentation import DihedralTTA, build_tta_model, weighted_box_fusion
 
 __all__ = [k for k in globals().keys() if not k.startswith("_")]
