@@ -110,8 +110,9 @@ def test_one_view_is_the_model_itself():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("symmetry", [View(False, True, False), View(False, False, True),
-                                      View(True, False, False)])
+@pytest.mark.parametrize(
+    "symmetry", [View(False, True, False), View(False, False, True), View(True, False, False)]
+)
 def test_eight_views_make_the_real_model_equivariant(symmetry):
     """The eight views of a flipped (or transposed) image are the eight views of the image, so
     the fused detections of the flipped image are the flipped fused detections."""
@@ -120,8 +121,9 @@ def test_eight_views_make_the_real_model_equivariant(symmetry):
     tta = DihedralTTA(model, num_views=8, max_detections=1000).eval()
     direct = tta([{"image": image, "height": height, "width": width}])[0]["instances"]
     turned_h, turned_w = (width, height) if symmetry.transpose else (height, width)
-    turned = tta([{"image": view_image(image, symmetry), "height": turned_h,
-                   "width": turned_w}])[0]["instances"]
+    turned = tta([{"image": view_image(image, symmetry), "height": turned_h, "width": turned_w}])[
+        0
+    ]["instances"]
     assert len(direct) > 0 and len(turned) == len(direct)
     assert direct.image_size == (height, width) and turned.image_size == (turned_h, turned_w)
     # each symmetry here is its own inverse: mapping back = mapping forward
