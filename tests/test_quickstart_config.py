@@ -44,36 +44,42 @@ def test_ablation_variants():
 def test_baseline_peer_trains_for_its_budget_and_is_scored_the_same_way(tiny_dataset, tmp_path):
     baseline = load_script("tools/train_baseline.py")
     out = tmp_path / "baseline"
-    summary = baseline.main(
-        [
-            "--config-file",
-            config_path("quickstart/faster_rcnn_mnv2_trees.yaml"),
-            "--seconds",
-            "3",
-            "MODEL.MOBILENET_V2.PRETRAINED",
-            "False",
-            "MODEL.ROI_HEADS.NUM_CLASSES",
-            "2",
-            "DATASETS.TRAIN",
-            f"('{tiny_dataset}',)",
-            "DATASETS.TEST",
-            f"('{tiny_dataset}',)",
-            "SOLVER.IMS_PER_BATCH",
-            "2",
-            "INPUT.MIN_SIZE_TRAIN",
-            "(128,)",
-            "INPUT.MIN_SIZE_TEST",
-            "128",
-            "DATALOADER.NUM_WORKERS",
-            "0",
-            "TEST.AUG.VIEWS",  # scored also with test-time augmentation, as the quickstart
-            "2",
-            "OUTPUT_DIR",
-            str(out),
-        ]
-    )
+    summary = baseline.main(["--seconds", "3", *_tiny_peer(tiny_dataset, out)])
     assert 1 <= summary["iterations"] < 2000  # the budget, not MAX_ITER, ended training
     assert summary["train_seconds"] >= 3
     assert 0.0 <= summary["bbox"]["AP50"] <= 100.0
     assert 0.0 <= summary["bbox_TTA"]["AP50"] <= 100.0
     assert (out / "model_final.pth").is_file() and (out / "summary.json").is_file()
+
+    # ended by MAX_ITER instead of the budget: the count is still the iterations done
+    opts = [*_tiny_peer(tiny_dataset, tmp_path / "b2"), "SOLVER.MAX_ITER", "2"]
+    summary = baseline.main(["--seconds", "1000", *opts, "TEST.AUG.ENABLED", "False"])
+    assert summary["iterations"] == 2 and "bbox_TTA" not in summary
+
+
+def _tiny_peer(tiny_dataset, out):
+    """Overrides that make the quickstart's peer config train on the tiny dataset."""
+    return [
+        "--config-file",
+        config_path("quickstart/faster_rcnn_mnv2_trees.yaml"),
+        "MODEL.MOBILENET_V2.PRETRAINED",
+        "False",
+        "MODEL.ROI_HEADS.NUM_CLASSES",
+        "2",
+        "DATASETS.TRAIN",
+        f"('{tiny_dataset}',)",
+        "DATASETS.TEST",
+        f"('{tiny_dataset}',)",
+        "SOLVER.IMS_PER_BATCH",
+        "2",
+        "INPUT.MIN_SIZE_TRAIN",
+        "(128,)",
+        "INPUT.MIN_SIZE_TEST",
+        "128",
+        "DATALOADER.NUM_WORKERS",
+        "0",
+        "TEST.AUG.VIEWS",  # scored also with test-time augmentation, as the quickstart
+        "2",
+        "OUTPUT_DIR",
+        str(out),
+    ]

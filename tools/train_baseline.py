@@ -42,11 +42,13 @@ class TimeBudget(HookBase):
     def __init__(self, seconds: float):
         self.seconds = seconds
         self.start = None
+        self.steps = 0  # iterations done (detectron2's trainer.iter is off by one at MAX_ITER)
 
     def before_train(self):
         self.start = time.perf_counter()
 
     def after_step(self):
+        self.steps += 1
         if time.perf_counter() - self.start >= self.seconds:
             raise BudgetReached
 
@@ -83,7 +85,7 @@ def train(cfg, seconds: float) -> dict:
     except BudgetReached:
         pass
     train_seconds = time.perf_counter() - start
-    iterations = trainer.iter + 1
+    iterations = budget.steps
     trainer.checkpointer.save("model_final")
     results = BaselineTrainer.test(cfg, trainer.model)
     summary = {
