@@ -150,3 +150,27 @@ def test_bad_settings_fail_clearly():
     cfg = tiny_cfg("TEST.AUG.VIEWS", "4", "TEST.DETECTIONS_PER_IMAGE", "7")
     tta = build_tta_model(cfg, model)
     assert len(tta.views) == 4 and tta.max_detections == 7
+
+
+@torch.no_grad()
+def test_the_predictor_runs_the_augmented_model_when_enabled(tmp_path):
+    """The demo's Predictor draws what is scored as bbox_TTA: the eight-view model, its boxes in
+    the input image's pixels."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    from align_detr.engine import Predictor
+
+    model, _ = _model_and_image()
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("tiny")
+    weights = str(tmp_path / "tiny.pth")
+    plain = Predictor(tiny_cfg("MODEL.ALIGN_DETR.NUM_CLASSES", "2", "MODEL.WEIGHTS", weights), 0.0)
+    assert not isinstance(plain.model, DihedralTTA)
+    cfg = tiny_cfg("MODEL.ALIGN_DETR.NUM_CLASSES", "2", "MODEL.WEIGHTS", weights)
+    cfg.TEST.AUG.ENABLED = True
+    predictor = Predictor(cfg, confidence_threshold=0.0)
+    assert isinstance(predictor.model, DihedralTTA) and len(predictor.model.views) == 8
+    image = synthetic_image(h=90, w=130)
+    found = predictor(image)
+    assert found.image_size == (90, 130) and len(found) > 0
+    boxes = found.pred_boxes.tensor
+    assert boxes.min() >= 0 and torch.all(boxes[:, [2, 3]] <= torch.tensor([130.0, 90.0]))
