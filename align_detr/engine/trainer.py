@@ -48,13 +48,14 @@ def check_finite_losses(loss_dict: Dict[str, torch.Tensor], iteration: int) -> N
 def test_with_tta(trainer_cls, cfg, model) -> "OrderedDict[str, dict]":
     """Scores ``model`` on ``cfg.DATASETS.TEST`` with test-time augmentation (``cfg.TEST.AUG``:
     dihedral views fused by weighted box fusion) through ``trainer_cls.test`` and the
-    evaluators of ``trainer_cls``; the results are keyed "<task>_TTA" (``"bbox_TTA"``), as
-    detectron2's ``test_with_TTA``, and the evaluators write to ``OUTPUT_DIR/inference_TTA``."""
+    evaluators of ``trainer_cls``. Each key of the plain results gets "_TTA" appended, as in
+    detectron2's ``test_with_TTA`` (``"bbox_TTA"`` with one test dataset; ``"<dataset>_TTA"``
+    with several); the evaluators write to ``OUTPUT_DIR/inference_TTA``."""
     logger.info(f"Evaluating with test-time augmentation: {cfg.TEST.AUG.VIEWS} dihedral views")
     folder = os.path.join(cfg.OUTPUT_DIR, "inference_TTA")
     evaluators = [trainer_cls.build_evaluator(cfg, name, folder) for name in cfg.DATASETS.TEST]
     results = trainer_cls.test(cfg, build_tta_model(cfg, model), evaluators)
-    return OrderedDict((f"{task}_TTA", metrics) for task, metrics in results.items())
+    return OrderedDict((f"{key}_TTA", metrics) for key, metrics in results.items())
 
 
 class _CheckedSimpleTrainer(FiniteLossCheckMixin, SimpleTrainer):
