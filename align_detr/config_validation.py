@@ -148,12 +148,10 @@ def validate_config(cfg) -> None:
 
 
 def _validate_test_aug(cfg) -> None:
-    aug = cfg.TEST.AUG
-    problems = []
-    if aug.VIEWS not in (1, 2, 4, 8):
-        problems.append(f"VIEWS must be 1, 2, 4 or 8, got {aug.VIEWS}")
-    if not 0.0 < aug.FUSION_IOU_THRESH <= 1.0:
-        problems.append(f"FUSION_IOU_THRESH must be in (0, 1], got {aug.FUSION_IOU_THRESH}")
+    # imported here, as the losses above: loading the config keys never imports the model
+    from .modeling.test_time_augmentation import tta_setting_problems
+
+    problems = tta_setting_problems(cfg.TEST.AUG.VIEWS, cfg.TEST.AUG.FUSION_IOU_THRESH)
     if problems:
         raise ConfigError("invalid TEST.AUG config: " + "; ".join(problems))
 

@@ -24,7 +24,7 @@ from ..data import DetrDatasetMapper, build_resumable_train_loader
 from ..modeling.test_time_augmentation import build_tta_model
 from .checkpoint import AtomicCheckpointer, load_checkpoint, load_for_inference
 from .d2_compat import FiniteLossCheckMixin, set_writer_period, wrap_eval_function
-from .hooks import EMAHook, ResumeStateHook, build_ema
+from .hooks import EMAHook, ResumeStateHook, build_ema, unwrap_model
 from .solver import build_detr_optimizer
 
 __all__ = ["Trainer", "check_finite_losses", "test_with_tta"]
@@ -54,7 +54,7 @@ def test_with_tta(trainer_cls, cfg, model) -> "OrderedDict[str, dict]":
     logger.info(f"Evaluating with test-time augmentation: {cfg.TEST.AUG.VIEWS} dihedral views")
     folder = os.path.join(cfg.OUTPUT_DIR, "inference_TTA")
     evaluators = [trainer_cls.build_evaluator(cfg, name, folder) for name in cfg.DATASETS.TEST]
-    results = trainer_cls.test(cfg, build_tta_model(cfg, model), evaluators)
+    results = trainer_cls.test(cfg, build_tta_model(cfg, unwrap_model(model)), evaluators)
     return OrderedDict((f"{key}_TTA", metrics) for key, metrics in results.items())
 
 

@@ -16,7 +16,6 @@ from typing import Dict, List, NamedTuple, Tuple
 import torch
 from detectron2.structures import Boxes, Instances
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torchvision.ops import box_iou
 
 __all__ = [
@@ -25,6 +24,7 @@ __all__ = [
     "View",
     "boxes_from_view",
     "build_tta_model",
+    "tta_setting_problems",
     "view_image",
     "weighted_box_fusion",
 ]
@@ -46,6 +46,19 @@ DIHEDRAL_VIEWS: Tuple[View, ...] = tuple(
     View(t, h, v) for t in (False, True) for v in (False, True) for h in (False, True)
 )
 ALLOWED_VIEW_COUNTS = (1, 2, 4, 8)
+
+
+def tta_setting_problems(
+    num_views: int, iou_thresh: float, names: Tuple[str, str] = ("VIEWS", "FUSION_IOU_THRESH")
+) -> List[str]:
+    """What is wrong with these settings (empty when they are valid), each under its name in
+    ``names`` (the ``TEST.AUG`` keys by default)."""
+    problems = []
+    if num_views not in ALLOWED_VIEW_COUNTS:
+        problems.append(f"{names[0]} must be 1, 2, 4 or 8, got {num_views}")
+    if not 0.0 < iou_thresh <= 1.0:
+        problems.append(f"{names[1]} must be in (0, 1], got {iou_thresh}")
+    return problems
 
 
 def view_image(image: torch.Tensor, view: View) -> torch.Tensor:
@@ -146,10 +159,9 @@ class DihedralTTA(nn.Module):
         self, model: nn.Module, num_views: int = 8, iou_thresh: float = 0.55, max_detections=100
     ):
         super().__init__()
-        if num_views not in ALLOWED_VIEW_COUNTS:
-            raise ValueError(f"num_views must be one of {ALLOWED_VIEW_COUNTS}, got {num_views}")
-        if not 0.0 < iou_thresh <= 1.0:
-            raise ValueError(f"iou_thresh must be in (0, 1], got {iou_thresh}")
+        problems = tta_setting_problems(num_views, iou_thresh, ("num_views", "iou_thresh"))
+        if problems:
+            raise ValueError("; ".join(problems))
         self.model = model
         self.views = DIHEDRAL_VIEWS[:num_views]
         self.iou_thresh = iou_thresh
@@ -193,9 +205,7 @@ class DihedralTTA(nn.Module):
 
 
 def build_tta_model(cfg, model: nn.Module) -> DihedralTTA:
-    """:class:`DihedralTTA` of ``model`` (unwrapped from DDP) as ``cfg.TEST.AUG`` configures."""
-    if isinstance(model, DistributedDataParallel):
-        model = model.module
+    """:class:`DihedralTTA` of ``model`` (not DDP-wrapped) as ``cfg.TEST.AUG`` configures."""
     return DihedralTTA(
         model,
         num_views=cfg.TEST.AUG.VIEWS,
