@@ -14,6 +14,9 @@ Examples::
     python train_net.py --config-file configs/dino_r50.yaml --eval-only MODEL.WEIGHTS model.pth
     python train_net.py --config-file configs/dino_r50.yaml --resume  # from OUTPUT_DIR
     python train_net.py --config-file configs/dino_r50.yaml MODEL.DEVICE cpu SOLVER.IMS_PER_BATCH 2
+    python train_net.py --config-file configs/align_r50.yaml \\
+        DATASETS.TRAIN_JSON train.json DATASETS.TRAIN_IMAGES train_images/ \\
+        DATASETS.TEST_JSON val.json DATASETS.TEST_IMAGES val_images/  # your COCO-format data
 """
 
 import logging
@@ -29,7 +32,8 @@ from detectron2.utils import comm
 
 import align_detr.modeling  # noqa: F401  (registers the model, backbones and bases)
 from align_detr.config import ConfigError, load_config
-from align_detr.data import register_trees
+from align_detr.data import DatasetValidationError, register_trees
+from align_detr.data.coco_json import COCO_JSON_NAMES
 from align_detr.engine import CheckpointLoadError, Trainer, check_weights_file
 
 # Where detectron2's builtin datasets (coco_2017_train, ...) look for their files.
@@ -48,10 +52,10 @@ How to fix:
     {_D2_DATASETS_NOW}.
     Download COCO 2017 from https://cocodataset.org/#download and unpack it there, or set
     DETECTRON2_DATASETS to the folder that holds coco/.
-  * Your own COCO-format data: register it before training with
-    detectron2.data.datasets.register_coco_instances(name, {{}}, json_file, image_root)
-    (see README), then set DATASETS.TRAIN / DATASETS.TEST to its names and
-    MODEL.ALIGN_DETR.NUM_CLASSES to its number of classes."""
+  * Your own COCO-format data: name the jsons and image folders on the command line,
+    DATASETS.TRAIN_JSON train.json DATASETS.TRAIN_IMAGES train_images/
+    DATASETS.TEST_JSON val.json DATASETS.TEST_IMAGES val_images/
+    (the number of classes and their names come from the json; see docs/training.md)."""
 
 
 def _check_dataset(name: str, key: str) -> List[str]:
@@ -87,10 +91,17 @@ def check_inputs(cfg, eval_only: bool = False, resume: bool = False) -> None:
         CheckpointLoadError: the weights file does not fit the model.
         FileNotFoundError: listing every other problem found.
     """
-    datasets = [("DATASETS.TEST", name) for name in cfg.DATASETS.TEST]
-    if not eval_only:
-        datasets = [("DATASETS.TRAIN", name) for name in cfg.DATASETS.TRAIN] + datasets
+    splits = ("TEST",) if eval_only else ("TRAIN", "TEST")
+    datasets = [(f"DATASETS.{s}", name) for s in splits for name in cfg.DATASETS[s]]
     problems, seen = [], set()
+    # A json named by DATASETS.*_JSON that is not there (load_config registers only those that
+    # are): say so, rather than that its dataset is not registered.
+    for split in splits:
+        json_key, _, name = COCO_JSON_NAMES[split]
+        json_file = cfg.DATASETS[json_key]
+        if json_file and not os.path.isfile(json_file):
+            problems.append(f"DATASETS.{json_key} not found: {os.path.abspath(json_file)}")
+            seen.add(name)
     for key, name in datasets:
         if name not in seen:
             seen.add(name)
@@ -162,7 +173,7 @@ def invoke_main() -> None:
         register_trees()
         cfg = load_config(args.config_file, args.opts)
         check_inputs(cfg, eval_only=args.eval_only, resume=args.resume)
-    except (FileNotFoundError, ConfigError, CheckpointLoadError) as e:
+    except (FileNotFoundError, ConfigError, CheckpointLoadError, DatasetValidationError) as e:
         sys.exit(str(e))
     launch(
         main,

@@ -42,8 +42,14 @@ def add_align_detr_config(cfg):
     # look-forward-twice, the hybrid one-to-many branch of HYBRID, no denoising);
     # "ConditionalDETR" is single-scale Conditional DETR (SD-DETR's base; see CONDITIONAL).
     c.BASE = "DINO"
-    # Number of foreground classes (80 for COCO); no background class (sigmoid scores).
-    c.NUM_CLASSES = 80
+    # Number of foreground classes; no background class (sigmoid scores). 0: from the data, i.e.
+    # the categories of DATASETS.TRAIN_JSON (else TEST_JSON), else len(CLASS_NAMES), else 80
+    # (COCO's). load_config writes the resolved number here, so a saved config.yaml has it.
+    c.NUM_CLASSES = 0
+    # Class names, in the order of the model's class indices (for the demo's drawings). []: from
+    # DATASETS.TRAIN_JSON / TEST_JSON when set (their categories sorted by id), else from the
+    # dataset's metadata. A set value must agree with the json.
+    c.CLASS_NAMES = []
     # Transformer width, heads, and feature levels (backbone stages + extra stride-2 levels).
     c.D_MODEL = 256
     c.NHEADS = 8
@@ -65,6 +71,11 @@ def add_align_detr_config(cfg):
     # one-to-one last layer learns not to duplicate). The released DINO code has the same option
     # (nms_iou_threshold); it helps short schedules whose last layer still duplicates.
     c.TEST_NMS_THRESH = 0.0
+    # What runs the multi-scale deformable attention and the matching: "auto" (our compiled ops
+    # where align_detr._C has a kernel for the device, else the PyTorch reference paths after one
+    # warning), "compiled" (always ours; a missing build raises) or "reference" (always PyTorch:
+    # grid_sample, dense cost + SciPy assignment). See align_detr/kernels.py.
+    c.KERNELS = "auto"
 
     c.ENCODER = CN()
     c.ENCODER.NUM_LAYERS = 6
@@ -159,6 +170,16 @@ def add_align_detr_config(cfg):
     cfg.MODEL.MOBILENET_V2.FREEZE_AT = 1
     cfg.MODEL.MOBILENET_V2.PRETRAINED = True
 
+    # A COCO-format dataset named on the command line, no Python needed: the instances json and
+    # the folder its images' file_name entries are relative to ("": the json's folder). When a
+    # json is set it is checked, registered with detectron2 as "coco_json_train" /
+    # "coco_json_test", and DATASETS.TRAIN / DATASETS.TEST become that name (see
+    # align_detr/data/coco_json.py). Category ids may be any integers (mapped to 0..K-1).
+    cfg.DATASETS.TRAIN_JSON = ""
+    cfg.DATASETS.TRAIN_IMAGES = ""
+    cfg.DATASETS.TEST_JSON = ""
+    cfg.DATASETS.TEST_IMAGES = ""
+
     # Optimiser extras (detectron2's SOLVER has the rest).
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
@@ -195,9 +216,11 @@ def load_config(config_file: str, opts: Sequence[str] = (), freeze: bool = True)
         freeze: return a frozen config.
 
     Raises:
-        FileNotFoundError: the config file does not exist.
+        FileNotFoundError: the config file does not exist (or a COCO json's image folder, or a
+            json the number of classes must come from).
         ConfigError: an unknown key (a typo, or a key of another project) or a value the model
             cannot run with, naming the key.
+        DatasetValidationError: a COCO json named by ``DATASETS.*_JSON`` has bad entries.
     """
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"config file not found: {os.path.abspath(config_file)}")
@@ -214,6 +237,13 @@ def load_config(config_file: str, opts: Sequence[str] = (), freeze: bool = True)
             f"Invalid config ({config_file} + command line): {message}. Every key must exist in "
             "detectron2's defaults or in align_detr/config.py (check the spelling)."
         ) from e
+    # The jsons named by DATASETS.*_JSON: checked, registered, and the source of NUM_CLASSES /
+    # CLASS_NAMES when unset. Here, because every entry point and every process that launch()
+    # starts loads its config with this function. Imported here: the data package needs
+    # detectron2's data modules, which a config alone does not.
+    from .data.coco_json import apply_coco_json_config
+
+    apply_coco_json_config(cfg)
     validate_config(cfg)
     if freeze:
         cfg.freeze()

@@ -55,6 +55,14 @@ def validate_config(cfg) -> None:
             problems.append(message)
 
     need(c.NUM_CLASSES >= 1, f"NUM_CLASSES must be >= 1, got {c.NUM_CLASSES}")
+    need(
+        not c.CLASS_NAMES or len(c.CLASS_NAMES) == c.NUM_CLASSES,
+        f"CLASS_NAMES has {len(c.CLASS_NAMES)} names but NUM_CLASSES is {c.NUM_CLASSES}",
+    )
+    need(
+        c.KERNELS in ("auto", "compiled", "reference"),
+        f'KERNELS must be "auto", "compiled" or "reference", got {c.KERNELS!r}',
+    )
     need(c.NHEADS >= 1, f"NHEADS must be >= 1, got {c.NHEADS}")
     need(
         c.NHEADS >= 1 and c.D_MODEL % c.NHEADS == 0,

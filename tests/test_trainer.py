@@ -237,7 +237,7 @@ def test_check_inputs_messages(registered, tmp_path):
     assert "'no_such_set' (DATASETS.TRAIN) is not registered" in msg
     assert f"annotation file not found: {tmp_path / 'nope.json'}" in msg
     assert f"image folder not found: {tmp_path / 'no_images'}" in msg
-    assert "register_coco_instances" in msg and "DETECTRON2_DATASETS" in msg
+    assert "DATASETS.TRAIN_JSON" in msg and "DETECTRON2_DATASETS" in msg
 
     weights = tmp_path / "model.pth"
     with pytest.raises(FileNotFoundError, match=f"MODEL.WEIGHTS file not found: {weights}"):

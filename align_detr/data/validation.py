@@ -100,20 +100,18 @@ def check_annotation(obj: Dict[str, Any], height: float, width: float) -> str:
     return _KEEP
 
 
-def _report(findings: _Findings, name: str, max_listed: int) -> None:
-    """Raises for the errors of a dataset; logs what was dropped or will be clipped."""
+def _report(findings: _Findings, name: str, max_listed: int, header: Optional[str] = None) -> None:
+    """Raises for the errors of a dataset (one message: ``header``, then the first
+    ``max_listed`` problems of each kind); logs what was dropped or will be clipped."""
     if findings.errors:
         lines = []
         for kind, items in findings.errors.items():
             listed = "; ".join(items[:max_listed])
             more = f" (and {len(items) - max_listed} more)" if len(items) > max_listed else ""
             lines.append(f"  - {kind}: {len(items)} x, e.g. {listed}{more}")
-        raise DatasetValidationError(
-            f"Training dataset {name!r} has problems that must be fixed before training:\n"
-            + "\n".join(lines)
-            + "\n"
-            + _COCO_FIELDS_HINT
-        )
+        if header is None:
+            header = f"Training dataset {name!r} has problems that must be fixed before training:"
+        raise DatasetValidationError(header + "\n" + "\n".join(lines) + "\n" + _COCO_FIELDS_HINT)
     for kind, items in findings.dropped.items():
         logger.warning(
             "Dataset %r: dropped %d annotation(s) with boxes %s, e.g. %s",

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
+from detectron2.data.catalog import Metadata
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 from detectron2.utils.visualizer import ColorMode, Visualizer
@@ -30,8 +31,15 @@ PRED_COLOR = (1.0, 0.15, 0.1)  # predictions: red
 
 
 def dataset_metadata(cfg):
-    """Metadata of the first test (else train) dataset of ``cfg`` with ``thing_classes`` filled
-    in (a COCO json registration only sets them once loaded); generic names when unknown."""
+    """Metadata with the class names of ``cfg``'s model: ``MODEL.ALIGN_DETR.CLASS_NAMES`` when
+    set (a config saved by a run on ``DATASETS.*_JSON`` has them, so it needs no dataset), else
+    the first test (else train) dataset's, with ``thing_classes`` filled in (a COCO json
+    registration only sets them once loaded); generic names when unknown."""
+    class_names = list(cfg.MODEL.ALIGN_DETR.CLASS_NAMES)
+    if class_names:
+        # A free-standing Metadata: the catalog's entries refuse to change a value, and one
+        # process may load several configs (tests, notebooks).
+        return Metadata(name="align_detr_class_names", thing_classes=class_names)
     names = list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)
     for name in names:
         meta = MetadataCatalog.get(name)

@@ -2,13 +2,23 @@
 
 from align_detr.utils.synthetic import batched_input, synthetic_image
 
-from .coco import register_coco, unregister, write_coco
+from .coco import (
+    CVAT_CATEGORY_IDS,
+    CVAT_CLASS_NAMES,
+    register_coco,
+    unregister,
+    write_coco,
+    write_cvat_export,
+    write_labelme_export,
+)
 from .configs import ROOT, config_path, repo_cfg, tiny_cfg
 from .golden import batched_differences_without_padding_mask, golden_fixture, golden_model
 from .scripts import load_script, run_train_net, train_then_evaluate
 from .steps import sgd_steps
 
 __all__ = [
+    "CVAT_CATEGORY_IDS",
+    "CVAT_CLASS_NAMES",
     "ROOT",
     "batched_differences_without_padding_mask",
     "batched_input",
@@ -25,4 +35,6 @@ __all__ = [
     "train_then_evaluate",
     "unregister",
     "write_coco",
+    "write_cvat_export",
+    "write_labelme_export",
 ]
