@@ -174,8 +174,9 @@ def test_missing_json_or_image_folder(tmp_path):
         tiny_cfg(*_json_opts(json_file, str(tmp_path / "nowhere")))
 
 
-def _run_script(argv, timeout=300):
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="2")
+def _run_script(argv, timeout=300, env=None):
+    """Runs a script of the repository (``argv[0]``) in a fresh Python, from the repo root."""
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run(
         [sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -217,3 +218,18 @@ def test_train_eval_only_and_demo_on_a_cvat_json(tmp_path):
     from align_detr.engine.predictor import Predictor
 
     assert Predictor(cfg).metadata.thing_classes == CVAT_CLASS_NAMES
+
+
+def test_two_processes_register_the_json_each(tmp_path):
+    """--num-gpus 2 (gloo on CPU): every process that launch() spawns loads the config and so
+    registers the json itself; training and the distributed evaluation run on it."""
+    json_file = write_labelme_export(str(tmp_path / "labelme"), num_images=4)
+    out_dir = str(tmp_path / "out")
+    argv = ["train_net.py", "--num-gpus", "2", "--dist-url", "auto"]
+    argv += ["--config-file", config_path("tiny_test.yaml"), *_json_opts(json_file, "", json_file)]
+    argv += ["SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "(1,)", "OUTPUT_DIR", out_dir]
+    proc = _run_script(argv, env={"CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(out_dir, "metrics.json")) as f:
+        last = [json.loads(line) for line in f][-1]
+    assert "bbox/AP50" in last
