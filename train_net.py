@@ -24,17 +24,21 @@ import os
 import sys
 from typing import List
 
-import torch
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.engine import default_argument_parser, default_setup, launch
-from detectron2.evaluation import verify_results
-from detectron2.utils import comm
+from align_detr.utils.quiet import quiet_third_party_warnings
 
-import align_detr.modeling  # noqa: F401  (registers the model, backbones and bases)
-from align_detr.config import ConfigError, load_config
-from align_detr.data import DatasetValidationError, register_trees
-from align_detr.data.coco_json import COCO_JSON_NAMES
-from align_detr.engine import CheckpointLoadError, Trainer, check_weights_file
+quiet_third_party_warnings()  # first: some of detectron2's warnings come when it is imported
+
+import torch  # noqa: E402
+from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
+from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
+from detectron2.evaluation import verify_results  # noqa: E402
+from detectron2.utils import comm  # noqa: E402
+
+import align_detr.modeling  # noqa: E402,F401  (registers the model, backbones and bases)
+from align_detr.config import ConfigError, load_config  # noqa: E402
+from align_detr.data import DatasetValidationError, register_trees  # noqa: E402
+from align_detr.data.coco_json import COCO_JSON_NAMES  # noqa: E402
+from align_detr.engine import CheckpointLoadError, Trainer, check_weights_file  # noqa: E402
 
 # Where detectron2's builtin datasets (coco_2017_train, ...) look for their files.
 _BUILTIN_ROOT = os.path.abspath(os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")))

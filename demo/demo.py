@@ -27,6 +27,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from align_detr.utils.quiet import quiet_third_party_warnings  # noqa: E402
+
+quiet_third_party_warnings()  # first: some of detectron2's warnings come when it is imported
+
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import align_detr.modeling  # noqa: E402,F401  (registers the model, backbones and bases)
@@ -39,7 +43,17 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="align-detr demo (images or a video)")
-    parser.add_argument("--config-file", required=True, metavar="FILE", help="path to config")
+    parser.add_argument(
+        "--config-file",
+        metavar="FILE",
+        help="path to config (required unless --exported is given)",
+    )
+    parser.add_argument(
+        "--exported",
+        metavar="FILE",
+        help="run an exported .onnx (ONNX Runtime) or .pt2 file from tools/export_model.py "
+        "instead of the PyTorch model; class names and resize come from the file",
+    )
     parser.add_argument(
         "--input", nargs="+", help="image files, glob patterns (quoted or expanded) or folders"
     )
@@ -59,6 +73,20 @@ def get_parser() -> argparse.ArgumentParser:
 def setup_cfg(args):
     register_trees()  # the quickstart's class names, when its data exists
     return load_config(args.config_file, args.opts)
+
+
+def exported_predictor(path: str, confidence_threshold: float):
+    """An :class:`~align_detr.export.ExportedPredictor` with the metadata the drawing needs."""
+    from detectron2.data.catalog import Metadata
+
+    from align_detr.export import ExportedPredictor
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--exported file not found: {path}")
+    predictor = ExportedPredictor(path, confidence_threshold)
+    names = predictor.metadata.get("class_names") or []
+    predictor.drawing_metadata = Metadata(name=os.path.basename(path), thing_classes=names)
+    return predictor
 
 
 def expand_inputs(patterns: List[str]) -> List[str]:
@@ -88,6 +116,11 @@ def read_image_bgr(path: str) -> np.ndarray:
     return img
 
 
+def _drawing_metadata(predictor):
+    """detectron2 Metadata with thing_classes, for a PyTorch or an exported predictor."""
+    return getattr(predictor, "drawing_metadata", None) or predictor.metadata
+
+
 def run_images(predictor: Predictor, paths: List[str], output: str, logger) -> None:
     to_folder = output and (
         len(paths) > 1 or os.path.isdir(output) or not os.path.splitext(output)[1]
@@ -101,7 +134,7 @@ def run_images(predictor: Predictor, paths: List[str], output: str, logger) -> N
         logger.info(f"{path}: {len(instances)} detections in {time.perf_counter() - start:.2f}s")
         if not output:
             continue
-        drawing = draw_predictions(img[:, :, ::-1], instances, predictor.metadata)
+        drawing = draw_predictions(img[:, :, ::-1], instances, _drawing_metadata(predictor))
         out = os.path.join(output, os.path.basename(path)) if to_folder else output
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         if not cv2.imwrite(out, drawing[:, :, ::-1]):
@@ -127,7 +160,7 @@ def run_video(predictor: Predictor, path: str, output: str, logger) -> None:
             frames += 1
             if not output:
                 continue
-            drawing = draw_predictions(frame[:, :, ::-1], instances, predictor.metadata)
+            drawing = draw_predictions(frame[:, :, ::-1], instances, _drawing_metadata(predictor))
             if writer is None:
                 h, w = drawing.shape[:2]
                 writer = cv2.VideoWriter(output, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
@@ -144,10 +177,14 @@ def main(argv=None) -> int:
     logger = setup_logger(name="align_detr.demo")
     if not args.input and not args.video_input:
         get_parser().error("give --input or --video-input")
+    if not args.config_file and not args.exported:
+        get_parser().error("give --config-file (a PyTorch model) or --exported FILE")
     try:
-        cfg = setup_cfg(args)
         paths = expand_inputs(args.input) if args.input else []
-        predictor = Predictor(cfg, confidence_threshold=args.confidence_threshold)
+        if args.exported:
+            predictor = exported_predictor(args.exported, args.confidence_threshold)
+        else:
+            predictor = Predictor(setup_cfg(args), confidence_threshold=args.confidence_threshold)
         if paths:
             run_images(predictor, paths, args.output, logger)
         if args.video_input:

@@ -25,6 +25,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from align_detr.utils.quiet import quiet_third_party_warnings  # noqa: E402
+
+quiet_third_party_warnings()  # first: some of detectron2's warnings come when it is imported
+
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 

@@ -23,6 +23,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from align_detr.utils.quiet import quiet_third_party_warnings  # noqa: E402
+
+quiet_third_party_warnings()  # first: some of detectron2's warnings come when it is imported
+
 from align_detr.formats import (  # noqa: E402
     FORMATS,
     detect_format,

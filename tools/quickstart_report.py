@@ -24,6 +24,10 @@ import cv2
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from align_detr.utils.quiet import quiet_third_party_warnings  # noqa: E402
+
+quiet_third_party_warnings()  # first: some of detectron2's warnings come when it is imported
+
 from detectron2.data import DatasetCatalog  # noqa: E402
 from plot_metrics import last_eval, plot  # noqa: E402
 

@@ -22,6 +22,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from align_detr.utils.quiet import quiet_third_party_warnings  # noqa: E402
+
+quiet_third_party_warnings()  # first: some of detectron2's warnings come when it is imported
+
 from detectron2.engine import DefaultTrainer, HookBase, default_setup  # noqa: E402
 from detectron2.evaluation import COCOEvaluator  # noqa: E402
 
