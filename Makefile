@@ -70,7 +70,7 @@ bench: setup
 	$(PIP) install -q transformers
 	$(QS_ENV) $(PY) benchmarks/run_all.py
 
-# The main job on real data (see README "Quickstart"); a re-run starts over in $(QS_OUT).
+# The main job on real data (see docs/quickstart.md); a re-run starts over in $(QS_OUT).
 quickstart: setup
 	@start=$$(date +%s); set -e; \
 	$(PY) tools/prepare_trees.py; \
