@@ -42,10 +42,12 @@ def add_align_detr_config(cfg):
     # look-forward-twice, the hybrid one-to-many branch of HYBRID, no denoising);
     # "ConditionalDETR" is single-scale Conditional DETR (SD-DETR's base; see CONDITIONAL).
     c.BASE = "DINO"
-    # Number of foreground classes; no background class (sigmoid scores). 0: from the data, i.e.
-    # the categories of DATASETS.TRAIN_JSON (else TEST_JSON), else len(CLASS_NAMES), else 80
-    # (COCO's). load_config writes the resolved number here, so a saved config.yaml has it.
-    c.NUM_CLASSES = 0
+    # Number of foreground classes (80 for COCO); no background class (sigmoid scores). 0: from
+    # the data, i.e. the categories of DATASETS.TRAIN_JSON (else TEST_JSON), else
+    # len(CLASS_NAMES), else 80. load_config treats a config that does not set this key as 0 and
+    # writes the resolved number here, so a saved config.yaml has it; the default stays 80 for
+    # code that builds a config without load_config (detectron2's get_cfg + this function).
+    c.NUM_CLASSES = 80
     # Class names, in the order of the model's class indices (for the demo's drawings). []: from
     # DATASETS.TRAIN_JSON / TEST_JSON when set (their categories sorted by id), else from the
     # dataset's metadata. A set value must agree with the json.
@@ -226,6 +228,10 @@ def load_config(config_file: str, opts: Sequence[str] = (), freeze: bool = True)
         raise FileNotFoundError(f"config file not found: {os.path.abspath(config_file)}")
     cfg = get_cfg()
     add_align_detr_config(cfg)
+    # "Not set": a value no config can mean otherwise, so that a file or command line that leaves
+    # NUM_CLASSES alone gets it from the data (apply_coco_json_config below), while one that sets
+    # it, to 80 included, is checked against the data.
+    cfg.MODEL.ALIGN_DETR.NUM_CLASSES = 0
     try:
         cfg.merge_from_file(config_file)
         cfg.merge_from_list(list(opts))

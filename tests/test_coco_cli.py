@@ -233,3 +233,22 @@ def test_two_processes_register_the_json_each(tmp_path):
     with open(os.path.join(out_dir, "metrics.json")) as f:
         last = [json.loads(line) for line in f][-1]
     assert "bbox/AP50" in last
+
+
+def test_code_that_builds_a_config_without_load_config_keeps_cocos_80():
+    """detectron2's convention (get_cfg + add_align_detr_config + merge) still gets 80 classes;
+    only load_config treats an unset NUM_CLASSES as "from the data"."""
+    from detectron2.config import get_cfg
+
+    from align_detr.config import add_align_detr_config
+
+    cfg = get_cfg()
+    add_align_detr_config(cfg)
+    cfg.merge_from_file(config_path("tiny_test.yaml"))
+    assert cfg.MODEL.ALIGN_DETR.NUM_CLASSES == 80
+
+
+def test_an_explicit_80_is_checked_against_the_json(tmp_path):
+    json_file = write_labelme_export(str(tmp_path / "labelme"))
+    with pytest.raises(ConfigError, match="NUM_CLASSES is 80 but"):
+        tiny_cfg(*_json_opts(json_file), "MODEL.ALIGN_DETR.NUM_CLASSES", "80")
