@@ -100,7 +100,7 @@ def _parse(json_file: str, image_root: str, for_evaluation: bool, key: str) -> _
         with open(json_file, encoding="utf-8") as f:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetValidationError(f"COCO json {json_file} ({key}) is not valid JSON: {e}")
+        raise DatasetValidationError(f"COCO json {json_file} ({key}) is not valid JSON: {e}") from e
     top = [
         k
         for k in ("images", "annotations", "categories")
