@@ -66,7 +66,7 @@ def test_dn_groups_do_not_influence_matching_queries():
     torch.manual_seed(0)
     inputs = [batched_input(img, BOXES, [0, 1])]
     images, mask = model.preprocess_image(inputs)
-    srcs, masks, pos = model.transformer_inputs(images, mask)
+    srcs, masks, pos = model.transformer_inputs(images.tensor, mask)
     t, heads = model.transformer, model.heads
     memory = t.encoder(srcs, masks, pos)
     sel = t.query_selector(memory, heads.class_heads[-1], heads.box_heads[-1])

@@ -6,21 +6,41 @@ attention module with its sampling-offset, attention-weight, value and output pr
 """
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from align_detr import _ext
+from align_detr import _ext, kernels
 
-# Re-exported until align_detr/layers/__init__.py imports it from its own module (it is a
-# benchmark / test reference, not part of the public surface).
+from .ms_deform_attn_reference import ms_deform_attn_grid_sample
+
+#: The level sizes as a (L, 2) int64 tensor of (H_l, W_l), or as L pairs of ints (or of symbolic
+#: sizes while a model is exported).
+LevelShapes = Union[torch.Tensor, Sequence[Tuple[int, int]]]
+
+
+def level_table(shapes: Sequence[Tuple[int, int]]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The op's level table for L level sizes: (L, 2) int64 (H_l, W_l) and (L,) int64 starts.
+
+    Built on the CPU from one scalar per size, so that sizes which are symbols (the image size of
+    an exported model) stay symbols in the traced graph instead of being frozen to the example.
+    """
+
+    def scalar(v):
+        return torch.scalar_tensor(v, dtype=torch.long)
+
+    starts = [0]
+    for h, w in shapes[:-1]:
+        starts.append(starts[-1] + h * w)
+    table = torch.stack([torch.stack([scalar(h), scalar(w)]) for h, w in shapes])
+    return table, torch.stack([scalar(s) for s in starts])
 
 
 def ms_deform_attn(
     value: torch.Tensor,
-    spatial_shapes: torch.Tensor,
-    level_start_index: torch.Tensor,
+    spatial_shapes: LevelShapes,
+    level_start_index: Optional[torch.Tensor],
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
@@ -29,8 +49,9 @@ def ms_deform_attn(
     Args:
         value: (N, S, M, D) per-head values of all levels, flattened level by level in row-major
             (h, w) order; S = sum(H_l * W_l).
-        spatial_shapes: (L, 2) int64, (H_l, W_l) of each level.
-        level_start_index: (L,) int64, first row of each level in S (exclusive cumsum).
+        spatial_shapes: (L, 2) int64, (H_l, W_l) of each level, or L (H_l, W_l) pairs.
+        level_start_index: (L,) int64, first row of each level in S (exclusive cumsum); may be
+            None when spatial_shapes is given as pairs.
             The level table (spatial_shapes, level_start_index) may be on the CPU while value is
             on a GPU, and should be: the op reads it on the host, so a CPU table costs no device
             synchronisation (and CUDA graphs can capture the call); a table on value's device
@@ -61,6 +82,15 @@ def ms_deform_attn(
     dtype = torch.promote_types(
         value.dtype, torch.promote_types(sampling_locations.dtype, attention_weights.dtype)
     )
+    if not kernels.use_compiled(value.device, "ms_deform_attn"):
+        return ms_deform_attn_grid_sample(
+            value.to(dtype),
+            spatial_shapes,
+            sampling_locations.to(dtype),
+            attention_weights.to(dtype),
+        )
+    if not isinstance(spatial_shapes, torch.Tensor):
+        spatial_shapes, level_start_index = level_table(spatial_shapes)
     return _ext.ops().ms_deform_attn_forward(
         value.to(dtype),
         spatial_shapes,
@@ -75,16 +105,22 @@ def ms_deform_attn(
 _NORMALIZERS: Dict[Tuple, torch.Tensor] = {}
 
 
-def _level_normalizer(spatial_shapes: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def _level_normalizer(spatial_shapes: LevelShapes, like: torch.Tensor) -> torch.Tensor:
     """(L, 2) (W_l, H_l) of each level, on like's device and in its dtype."""
-    if spatial_shapes.device == like.device or torch.compiler.is_compiling():
-        return spatial_shapes.flip(-1).to(device=like.device, dtype=like.dtype)
-    key = (tuple(spatial_shapes.flatten().tolist()), like.device, like.dtype)
+    if isinstance(spatial_shapes, torch.Tensor):
+        if spatial_shapes.device == like.device or torch.compiler.is_compiling():
+            return spatial_shapes.flip(-1).to(device=like.device, dtype=like.dtype)
+        sizes = tuple(spatial_shapes.flatten().tolist())
+    else:
+        sizes = tuple(v for hw in spatial_shapes for v in hw)
+        if not all(isinstance(v, int) for v in sizes):  # symbolic sizes: traced, never cached
+            return level_table(spatial_shapes)[0].flip(-1).to(device=like.device, dtype=like.dtype)
+    key = (sizes, like.device, like.dtype)
     norm = _NORMALIZERS.get(key)
     if norm is None:
         if len(_NORMALIZERS) >= 64:
             _NORMALIZERS.clear()
-        norm = spatial_shapes.flip(-1).to(device=like.device, dtype=like.dtype)
+        norm = torch.tensor(sizes, dtype=like.dtype).view(-1, 2).flip(-1).to(like.device)
         _NORMALIZERS[key] = norm
     return norm
 
@@ -143,8 +179,8 @@ class MSDeformAttn(nn.Module):
         query: torch.Tensor,
         reference_points: torch.Tensor,
         input_flatten: torch.Tensor,
-        spatial_shapes: torch.Tensor,
-        level_start_index: torch.Tensor,
+        spatial_shapes: LevelShapes,
+        level_start_index: Optional[torch.Tensor],
         input_padding_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """
@@ -153,9 +189,10 @@ class MSDeformAttn(nn.Module):
             reference_points: (N, Lq, L, 2) normalised (x, y) points, or (N, Lq, L, 4) boxes
                 (cx, cy, w, h); with boxes the offsets are scaled by half the box size / P.
             input_flatten: (N, S, C) the flattened levels.
-            spatial_shapes: (L, 2) int64 (H_l, W_l); on the CPU for GPU inputs (see
-                :func:`ms_deform_attn`).
-            level_start_index: (L,) int64, on the same device as spatial_shapes.
+            spatial_shapes: (L, 2) int64 (H_l, W_l), on the CPU for GPU inputs (see
+                :func:`ms_deform_attn`), or L (H_l, W_l) pairs (what an exported model needs).
+            level_start_index: (L,) int64, on the same device as spatial_shapes (None with
+                pairs).
             input_padding_mask: optional (N, S) bool, True on padding; those values are zeroed.
 
         Returns:
@@ -164,10 +201,8 @@ class MSDeformAttn(nn.Module):
         n, lq, _ = query.shape
         _, s, _ = input_flatten.shape
         m, lv, p = self.n_heads, self.n_levels, self.n_points
-        if spatial_shapes.shape[0] != lv:
-            raise ValueError(
-                f"expected {lv} levels, got spatial_shapes {tuple(spatial_shapes.shape)}"
-            )
+        if len(spatial_shapes) != lv:
+            raise ValueError(f"expected {lv} levels, got spatial_shapes of {len(spatial_shapes)}")
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
             value = value.masked_fill(input_padding_mask[..., None], 0.0)

@@ -1,8 +1,12 @@
 """The usual pure-PyTorch formulation of multi-scale deformable attention (one ``F.grid_sample``
-per level), kept as the speed and correctness reference of the benchmarks and tests.
+per level): the speed and correctness reference of the benchmarks and tests, the path
+``MODEL.ALIGN_DETR.KERNELS`` "reference" (or "auto" without our build) runs, and what a model
+exported to plain ONNX contains (``GridSample`` nodes).
 
 Not part of ``align_detr.layers``' public surface: use :func:`align_detr.layers.ms_deform_attn`.
 """
+
+from typing import Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +14,7 @@ import torch.nn.functional as F
 
 def ms_deform_attn_grid_sample(
     value: torch.Tensor,
-    spatial_shapes: torch.Tensor,
+    spatial_shapes: Union[torch.Tensor, Sequence[Tuple[int, int]]],
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
@@ -18,7 +22,9 @@ def ms_deform_attn_grid_sample(
 
     Args:
         value: (N, S, M, D).
-        spatial_shapes: (L, 2) int64 (H_l, W_l), on any device (read on the host).
+        spatial_shapes: (L, 2) int64 (H_l, W_l), on any device (read on the host), or L
+            (H_l, W_l) pairs; pairs of symbolic sizes keep an exported graph's image size
+            dynamic.
         sampling_locations: (N, Lq, M, L, P, 2) normalised (x, y).
         attention_weights: (N, Lq, M, L, P).
 
@@ -27,7 +33,9 @@ def ms_deform_attn_grid_sample(
     """
     n, _, m, d = value.shape
     _, lq, _, levels, points, _ = sampling_locations.shape
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    if isinstance(spatial_shapes, torch.Tensor):
+        spatial_shapes = spatial_shapes.tolist()
+    shapes = [(h, w) for h, w in spatial_shapes]
     sizes = [h * w for h, w in shapes]
     grids = 2 * sampling_locations - 1
     sampled = []

@@ -2,6 +2,7 @@
 
 from .assignment import assign, assign_flat, assign_scipy, effective_k
 from .cost import matching_cost
+from .cost_reference import matching_cost_reference
 from .matcher import HungarianMatcher
 
 __all__ = [
@@ -11,4 +12,5 @@ __all__ = [
     "assign_scipy",
     "effective_k",
     "matching_cost",
+    "matching_cost_reference",
 ]

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from align_detr import _ext
+from align_detr import _ext, kernels
 
 _EMPTY = np.zeros((0,), dtype=np.int64)
 
@@ -107,7 +107,7 @@ def assign(cost: torch.Tensor, k: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
     c = cost.detach().cpu()
     if c.dtype not in (torch.float32, torch.float64):
         c = c.to(torch.float32 if c.dtype in (torch.float16, torch.bfloat16) else torch.float64)
-    if not bool(torch.isfinite(c).all()):
+    if not bool(torch.isfinite(c).all()) or not kernels.use_compiled(c.device, "assign"):
         rows, cols = assign_scipy(c.numpy(), k)
         return torch.from_numpy(rows), torch.from_numpy(cols)
     num_queries, num_gt = c.shape

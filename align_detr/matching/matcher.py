@@ -5,8 +5,11 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch import nn
 
-from .assignment import assign_flat, check_k
+from align_detr import kernels
+
+from .assignment import assign_flat, assign_scipy, check_k
 from .cost import check_error_word, matching_cost_flat
+from .cost_reference import matching_cost_reference
 
 
 class HungarianMatcher(nn.Module):
@@ -69,6 +72,8 @@ class HungarianMatcher(nn.Module):
         num_queries = logits.shape[1]
         labels = [t["labels"] for t in targets]
         gt_boxes = [t["boxes"] for t in targets]
+        if not kernels.use_compiled(logits.device, "matching"):
+            return self._match_reference(logits, boxes, labels, gt_boxes, k)
         flat, sizes = matching_cost_flat(
             logits,
             boxes,
@@ -85,6 +90,25 @@ class HungarianMatcher(nn.Module):
         # solved in one call.
         costs = check_error_word(flat.cpu(), logits, boxes, labels, gt_boxes)
         return assign_flat(costs, sizes, num_queries, k)
+
+    def _match_reference(self, logits, boxes, labels, gt_boxes, k):
+        """The same matching on the PyTorch cost and SciPy's solver (the reference path)."""
+        costs = matching_cost_reference(
+            logits,
+            boxes,
+            labels,
+            gt_boxes,
+            self.cost_class,
+            self.cost_bbox,
+            self.cost_giou,
+            self.alpha,
+            self.gamma,
+        )
+        indices = []
+        for cost in costs:
+            rows, cols = assign_scipy(cost.cpu().double().numpy(), k)
+            indices.append((torch.from_numpy(rows), torch.from_numpy(cols)))
+        return indices
 
     def extra_repr(self) -> str:
         return (

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from align_detr.layers import FFN
+from align_detr.layers.ms_deform_attn import level_table
 
 from .encoder import EncoderMemory, valid_ratios_of
 
@@ -212,17 +213,18 @@ class DetrEncoder(nn.Module):
 
     def forward(self, src, mask, pos) -> SingleScaleMemory:
         """src, pos: (N, d, H, W); mask: (N, H, W) bool, True on padding."""
-        h, w = int(src.shape[-2]), int(src.shape[-1])
+        h, w = src.shape[-2], src.shape[-1]  # ints, or symbols when exported
         x = src.flatten(2).transpose(1, 2)
         pos = pos.flatten(2).transpose(1, 2)
         padding = mask.flatten(1)
         for layer in self.layers:
             x = layer(x, pos, padding)
+        table, starts = level_table([(h, w)])
         return SingleScaleMemory(
             memory=x,
             padding_mask=padding,
-            spatial_shapes=torch.as_tensor([(h, w)], dtype=torch.long),
-            level_start_index=torch.zeros(1, dtype=torch.long),
+            spatial_shapes=table,
+            level_start_index=starts,
             valid_ratios=valid_ratios_of([mask]),
             shapes=[(h, w)],
             pos=pos,

@@ -64,8 +64,8 @@ class DeformableCrossAttentionBlock(nn.Module):
             x + query_pos,
             reference_points,
             memory.memory,
-            memory.spatial_shapes,
-            memory.level_start_index,
+            memory.shapes,  # the sizes (not the table): an exported graph keeps them symbolic
+            None,
             memory.padding_mask,
         )
         return self.ffn(self.norm(x + self.dropout(out)))

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from align_detr.layers import FFN, MSDeformAttn
+from align_detr.layers.ms_deform_attn import level_table
 
 __all__ = [
     "DeformableEncoder",
@@ -116,7 +117,7 @@ class DeformableEncoder(nn.Module):
         """
         flat_src, flat_mask, flat_pos, shapes = [], [], [], []
         for lvl, (src, mask, pos) in enumerate(zip(srcs, masks, pos_embeds)):
-            shapes.append((int(src.shape[-2]), int(src.shape[-1])))
+            shapes.append((src.shape[-2], src.shape[-1]))  # ints, or symbols when exported
             flat_src.append(src.flatten(2).transpose(1, 2))
             flat_mask.append(mask.flatten(1))
             flat_pos.append(pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))
@@ -125,18 +126,14 @@ class DeformableEncoder(nn.Module):
         pos = torch.cat(flat_pos, 1)
         # The level table stays on the host: the deformable-attention op reads it there, so no
         # call waits for the device (and a CUDA graph can capture the model).
-        starts = [0]
-        for h, w in shapes[:-1]:
-            starts.append(starts[-1] + h * w)
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long)
-        level_start_index = torch.as_tensor(starts, dtype=torch.long)
+        spatial_shapes, level_start_index = level_table(shapes)
         valid_ratios = valid_ratios_of(masks)
         reference_points = encoder_reference_points(shapes, valid_ratios)
         memory = src
         for layer in self.layers:
-            memory = layer(
-                memory, pos, reference_points, spatial_shapes, level_start_index, padding_mask
-            )
+            # The sizes, not the table: the reference path (and so an exported graph) needs
+            # them as (symbolic) integers.
+            memory = layer(memory, pos, reference_points, shapes, None, padding_mask)
         return EncoderMemory(
             memory, padding_mask, spatial_shapes, level_start_index, valid_ratios, shapes
         )

@@ -9,7 +9,6 @@ matching per output) in training, top-k post-processing at inference.
 from typing import Dict, List
 
 import torch
-import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import batched_nms
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, detector_postprocess
@@ -17,13 +16,14 @@ from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 
 from align_detr.config import resolve_match_k, validate_config
-from align_detr.layers import box_xyxy_to_cxcywh
+from align_detr.kernels import check_mode, kernel_mode
+from align_detr.layers import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from align_detr.losses import SetCriterion
 from align_detr.matching import HungarianMatcher
 
 from .bases import BASE_REGISTRY
 
-__all__ = ["AlignDETR", "build_criterion"]
+__all__ = ["AlignDETR", "build_criterion", "select_top_detections"]
 
 
 def _to_float(x):
@@ -65,6 +65,48 @@ def build_criterion(cfg, num_matched_outputs: int, **base_options) -> SetCriteri
     )
 
 
+def _nearest_index(out_size, in_size, device) -> torch.Tensor:
+    """(out_size,) int64 source index of each output pixel, computed exactly as PyTorch's
+    "nearest" interpolation does it: floor(i * float32(in / out)) in float32, clamped.
+
+    Written as tensor maths rather than ``F.interpolate`` because ONNX Runtime's Resize divides
+    by out / in instead, which lands one pixel off for some sizes (e.g. 120 -> 8): an exported
+    model would then mask a different column than the PyTorch one.
+    """
+    scale = torch.scalar_tensor(in_size, dtype=torch.float32) / torch.scalar_tensor(
+        out_size, dtype=torch.float32
+    )
+    index = (torch.arange(out_size, dtype=torch.float32, device=device) * scale.to(device)).floor()
+    return index.long().clamp(max=in_size - 1)
+
+
+def nearest_resize_mask(mask: torch.Tensor, height, width) -> torch.Tensor:
+    """(N, H, W) bool padding mask -> (N, height, width), as ``F.interpolate`` "nearest"."""
+    rows = _nearest_index(height, mask.shape[1], mask.device)
+    cols = _nearest_index(width, mask.shape[2], mask.device)
+    return mask.index_select(1, rows).index_select(2, cols)
+
+
+def select_top_detections(out: Dict[str, torch.Tensor], num_select: int):
+    """The top ``num_select`` (query, class) pairs of a batch by sigmoid score.
+
+    Args:
+        out: ``pred_logits`` (N, Q, C) and ``pred_boxes`` (N, Q, 4) normalised cxcywh.
+        num_select: pairs kept per image (at most Q * C).
+
+    Returns:
+        (scores, labels, boxes): (N, K) descending, (N, K) int64, (N, K, 4) normalised xyxy;
+        K = min(num_select, Q * C).
+    """
+    prob = out["pred_logits"].sigmoid()
+    n, k, c = prob.shape
+    scores, index = prob.flatten(1).topk(min(num_select, k * c), dim=1)
+    query = torch.div(index, c, rounding_mode="floor")
+    labels = index % c
+    boxes = torch.gather(out["pred_boxes"], 1, query[..., None].expand(-1, -1, 4))
+    return scores, labels, box_cxcywh_to_xyxy(boxes)
+
+
 @META_ARCH_REGISTRY.register()
 class AlignDETR(nn.Module):
     """A DETR detector: training returns the loss dict; inference returns one
@@ -81,6 +123,8 @@ class AlignDETR(nn.Module):
         test_padding_mask: mask the padding of batched images at inference (the released DINO /
             Align-DETR code treats it as image there).
         test_nms_thresh: IoU of the class-wise NMS over each image's kept detections; 0: none.
+        kernels: "auto", "compiled" or "reference": what runs the deformable attention and the
+            matching (see :mod:`align_detr.kernels`).
     """
 
     @configurable
@@ -98,8 +142,10 @@ class AlignDETR(nn.Module):
         pixel_std: List[float],
         test_padding_mask: bool = True,
         test_nms_thresh: float = 0.0,
+        kernels: str = "auto",
     ):
         super().__init__()
+        self.kernels = check_mode(kernels)
         self.backbone = backbone
         self.neck = neck
         self.position_embedding = position_embedding
@@ -133,6 +179,7 @@ class AlignDETR(nn.Module):
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "test_padding_mask": cfg.MODEL.ALIGN_DETR.TEST_PADDING_MASK,
             "test_nms_thresh": cfg.MODEL.ALIGN_DETR.TEST_NMS_THRESH,
+            "kernels": cfg.MODEL.ALIGN_DETR.KERNELS,
         }
 
     @property
@@ -165,22 +212,30 @@ class AlignDETR(nn.Module):
             targets.append({"labels": inst.gt_classes.long(), "boxes": boxes})
         return targets
 
-    def transformer_inputs(self, images, mask):
+    def transformer_inputs(self, images: torch.Tensor, mask: torch.Tensor):
         """The neck's levels with their padding masks and position encodings.
+
+        Args:
+            images: (N, 3, H, W) normalised, padded images; mask: (N, H, W) bool, True on padding.
 
         Returns:
             (srcs, masks, pos): L tensors (N, d, H_l, W_l), (N, H_l, W_l) bool, (N, d, H_l, W_l).
         """
-        srcs = self.neck(self.backbone(images.tensor))
-        masks = [F.interpolate(mask[None].float(), size=s.shape[-2:])[0].bool() for s in srcs]
+        srcs = self.neck(self.backbone(images))
+        masks = [nearest_resize_mask(mask, s.shape[-2], s.shape[-1]) for s in srcs]
         pos = [self.position_embedding(m).to(s.dtype) for m, s in zip(masks, srcs)]
         return srcs, masks, pos
 
     # ---- forward ---------------------------------------------------------------------------
 
     def forward(self, batched_inputs: List[Dict]):
+        # Our compiled ops or their PyTorch reference paths, as MODEL.ALIGN_DETR.KERNELS says.
+        with kernel_mode(self.kernels):
+            return self._forward(batched_inputs)
+
+    def _forward(self, batched_inputs: List[Dict]):
         images, mask = self.preprocess_image(batched_inputs)
-        srcs, masks, pos = self.transformer_inputs(images, mask)
+        srcs, masks, pos = self.transformer_inputs(images.tensor, mask)
         targets = self.prepare_targets(batched_inputs, images) if self.training else None
         outputs = self.transformer(srcs, masks, pos, self.heads, targets)
         if self.training:
@@ -192,15 +247,7 @@ class AlignDETR(nn.Module):
 
     def postprocess(self, out, image_sizes, batched_inputs):
         """Top ``num_select`` (query, class) pairs by sigmoid score; boxes to the input size."""
-        prob = out["pred_logits"].sigmoid()
-        n, k, c = prob.shape
-        num_select = min(self.num_select, k * c)
-        scores, index = prob.flatten(1).topk(num_select, dim=1)
-        query = torch.div(index, c, rounding_mode="floor")
-        labels = index % c
-        boxes = torch.gather(out["pred_boxes"], 1, query[..., None].expand(-1, -1, 4))
-        cx, cy, w, h = boxes.unbind(-1)
-        xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
+        scores, labels, xyxy = select_top_detections(out, self.num_select)
         results = []
         for i, (ih, iw) in enumerate(image_sizes):
             inst = Instances((ih, iw))

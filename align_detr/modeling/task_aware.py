@@ -105,13 +105,19 @@ class TaskAwareQueryGenerator(nn.Module):
         """(N * K, d, 7, 7) RoIAlign of ``roi_level`` inside boxes (N, K, 4) cxcywh."""
         n, k, _ = boxes.shape
         h, w = enc.shapes[self.roi_level]
-        start = int(enc.level_start_index[self.roi_level])
+        start = sum(lh * lw for lh, lw in enc.shapes[: self.roi_level])
         fmap = memory[:, start : start + h * w].transpose(1, 2).reshape(n, -1, h, w)
         # image-normalised -> this level's pixels (the valid area is ratio * size)
-        size = enc.valid_ratios[:, self.roi_level] * fmap.new_tensor([w, h])  # (N, 2) as (w, h)
+        # (N, 2) as (w, h); the sizes as 0-d tensors, not new_tensor([w, h]), keep them symbols
+        # in an exported graph
+        wh = torch.stack([torch.scalar_tensor(w), torch.scalar_tensor(h)]).to(fmap)
+        size = enc.valid_ratios[:, self.roi_level] * wh
         centre, half = boxes[..., :2] * size[:, None], boxes[..., 2:] * size[:, None] / 2
         xyxy = torch.cat([centre - half, centre + half], -1).flatten(0, 1)  # (N * K, 4)
-        index = torch.arange(n, device=boxes.device, dtype=xyxy.dtype).repeat_interleave(k)
+        # image index of each box (expand, not repeat_interleave: the ONNX translation of the
+        # latter fails for batches > 1)
+        index = torch.arange(n, device=boxes.device, dtype=xyxy.dtype)[:, None].expand(n, k)
+        index = index.reshape(-1)
         rois = torch.cat([index[:, None], xyxy], 1)
         # RoIAlign clamps samples in the last pixel row / column to that row, where inside a
         # padded batch it would interpolate towards the (zeroed) padding: one zero row and column
@@ -139,9 +145,7 @@ class TaskAwareQueryGenerator(nn.Module):
         weights = memory.new_full(
             (n, k, 1, self.n_levels, self.num_points), 1.0 / (self.n_levels * self.num_points)
         )
-        return ms_deform_attn(
-            value, enc.spatial_shapes, enc.level_start_index, loc.contiguous(), weights
-        )
+        return ms_deform_attn(value, enc.shapes, None, loc.contiguous(), weights)
 
     def forward(
         self, enc: EncoderMemory, boxes: torch.Tensor, token_features: torch.Tensor
