@@ -264,3 +264,20 @@ def test_mask_resize_equals_pytorch_nearest_for_every_size():
         for size_out in range(1, (size_in + 7) // 2 + 2):
             want = F.interpolate(mask[None].float(), size=(size_out, 3))[0].bool()
             assert torch.equal(nearest_resize_mask(mask, size_out, 3), want), (size_in, size_out)
+
+
+def test_compare_detections_pairs_swapped_ties_and_flags_wrong_boxes():
+    from align_detr.export import compare_detections
+
+    boxes = torch.tensor([[[0.0, 0, 10, 10], [20, 20, 30, 30], [5, 5, 8, 8]]])
+    scores = torch.tensor([[0.5, 0.49999, 0.1]])
+    labels = torch.tensor([[1, 2, 1]])
+    swapped = (boxes[:, [1, 0, 2]], scores[:, [1, 0, 2]], labels[:, [1, 0, 2]])
+    same = compare_detections(swapped, (boxes, scores, labels))
+    assert same == {"matched": 1.0, "box_px": 0.0, "score": 0.0}
+    moved = boxes.clone()
+    moved[0, 2] += 3.0
+    off = compare_detections((moved, scores, labels), (boxes, scores, labels))
+    assert off["matched"] == 2 / 3  # the moved box no longer agrees
+    relabelled = compare_detections((boxes, scores, labels + 1), (boxes, scores, labels))
+    assert relabelled["matched"] < 1.0

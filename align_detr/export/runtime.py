@@ -14,7 +14,44 @@ import torch
 
 from .formats import load_pt2, onnx_metadata
 
-__all__ = ["ExportedPredictor", "export_metadata", "resized_batch"]
+__all__ = ["ExportedPredictor", "compare_detections", "export_metadata", "resized_batch"]
+
+
+def compare_detections(
+    got, expected, box_tol: float = 0.01, score_tol: float = 1e-4
+) -> Dict[str, float]:
+    """How many of an exported model's detections PyTorch also gives, and how closely.
+
+    Ranks are not compared: two detections whose scores differ by less than the numerical noise
+    (common with random weights) may swap. Each detection of ``got`` is paired with the unused
+    detection of ``expected`` of the same image and label whose box is nearest; the pair agrees
+    when the box is within ``box_tol`` px and the score within ``score_tol``.
+
+    Args:
+        got, expected: (boxes (N, K, 4), scores (N, K), labels (N, K)).
+
+    Returns:
+        ``matched``: fraction of detections that agree; ``box_px`` and ``score``: the largest
+        |difference| of a box coordinate and of a score among them.
+    """
+    boxes, scores, labels = (torch.as_tensor(t) for t in got)
+    e_boxes, e_scores, e_labels = (torch.as_tensor(t) for t in expected)
+    agreed, box_px, score = 0, 0.0, 0.0
+    for i in range(boxes.shape[0]):
+        free = torch.ones(e_scores.shape[1], dtype=torch.bool)
+        for k in range(boxes.shape[1]):
+            ok = free & (e_labels[i] == labels[i, k])
+            if not bool(ok.any()):
+                continue
+            dist = (e_boxes[i] - boxes[i, k]).abs().max(-1)[0].masked_fill(~ok, float("inf"))
+            j = int(dist.argmin())
+            score_diff = float((e_scores[i, j] - scores[i, k]).abs())
+            if float(dist[j]) > box_tol or score_diff > score_tol:
+                continue
+            free[j] = False
+            agreed += 1
+            box_px, score = max(box_px, float(dist[j])), max(score, score_diff)
+    return {"matched": agreed / max(1, scores.numel()), "box_px": box_px, "score": score}
 
 
 def export_metadata(cfg, class_names: Sequence[str]) -> Dict[str, Any]:
