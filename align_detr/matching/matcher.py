@@ -75,35 +75,20 @@ class HungarianMatcher(nn.Module):
         if not kernels.use_compiled(logits.device, "matching"):
             return self._match_reference(logits, boxes, labels, gt_boxes, k)
         flat, sizes = matching_cost_flat(
-            logits,
-            boxes,
-            labels,
-            gt_boxes,
-            self.cost_class,
-            self.cost_bbox,
-            self.cost_giou,
-            self.alpha,
-            self.gamma,
-            defer_errors=True,
+            logits, boxes, labels, gt_boxes, *self._cost_weights(), defer_errors=True
         )
         # The one device-to-host copy of the batch (costs and error word), then all images
         # solved in one call.
         costs = check_error_word(flat.cpu(), logits, boxes, labels, gt_boxes)
         return assign_flat(costs, sizes, num_queries, k)
 
+    def _cost_weights(self):
+        """The cost's (class, bbox, giou) weights and focal (alpha, gamma), in call order."""
+        return self.cost_class, self.cost_bbox, self.cost_giou, self.alpha, self.gamma
+
     def _match_reference(self, logits, boxes, labels, gt_boxes, k):
         """The same matching on the PyTorch cost and SciPy's solver (the reference path)."""
-        costs = matching_cost_reference(
-            logits,
-            boxes,
-            labels,
-            gt_boxes,
-            self.cost_class,
-            self.cost_bbox,
-            self.cost_giou,
-            self.alpha,
-            self.gamma,
-        )
+        costs = matching_cost_reference(logits, boxes, labels, gt_boxes, *self._cost_weights())
         indices = []
         for cost in costs:
             rows, cols = assign_scipy(cost.cpu().double().numpy(), k)
