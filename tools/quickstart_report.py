@@ -6,8 +6,8 @@ Reads ``OUTPUT_DIR`` of the config (``output/quickstart``): ``model_final.pth`` 
 ``metrics.json``. Writes ``demo/<image>.png`` (predictions red with scores, ground truth green)
 for every image of ``DATASETS.TEST[0]`` (with the test-time augmentation when
 ``TEST.AUG.ENABLED``), and ``metrics.png``; prints AP, AP50, AP75 of the last evaluation (and of
-the one with test-time augmentation), the inference settings of the config they were scored
-with (to be chosen on the validation split ``trees_tune`` by ``tools/tune_quickstart.py``) and
+the one with test-time augmentation), the inference settings they were scored with (chosen on
+the validation split ``trees_tune`` by ``tools/tune_quickstart.py`` and fixed in the config) and
 the time since ``--start`` (a Unix time, e.g. from ``date +%s``).
 
 Example::
@@ -43,7 +43,7 @@ def settings_line(cfg) -> str:
     nms = cfg.MODEL.ALIGN_DETR.TEST_NMS_THRESH
     views = cfg.TEST.AUG.VIEWS if cfg.TEST.AUG.ENABLED else 1
     return (
-        f"test settings (config): size {cfg.INPUT.MIN_SIZE_TEST}, "
+        f"settings (chosen on trees_tune): test size {cfg.INPUT.MIN_SIZE_TEST}, "
         f"NMS {'off' if nms == 0 else format(nms, 'g')}, {views} view{'s' * (views > 1)}"
     )
 
