@@ -91,15 +91,3 @@ def _tiny_peer(tiny_dataset, out):
         "OUTPUT_DIR",
         str(out),
     ]
-
-
-def test_report_names_the_test_settings():
-    """The summary says which inference settings its held-out numbers were scored with."""
-    report = load_script("tools/quickstart_report.py")
-    cfg = quickstart_cfg()
-    line = report.settings_line(cfg)
-    assert f"test size {cfg.INPUT.MIN_SIZE_TEST}" in line and "trees_tune" in line
-    views = cfg.TEST.AUG.VIEWS if cfg.TEST.AUG.ENABLED else 1
-    assert f"{views} view" in line
-    off = quickstart_cfg("MODEL.ALIGN_DETR.TEST_NMS_THRESH", "0.0", "TEST.AUG.ENABLED", "False")
-    assert report.settings_line(off).endswith("NMS off, 1 view")

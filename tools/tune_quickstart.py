@@ -330,7 +330,7 @@ def choice_opts(report: Dict) -> List[str]:
         "INPUT.MIN_SIZE_TEST",
         str(c["size"]),
         report["nms_key"],
-        str(float(c["nms"])),  # "0.0", not "0": the config key is a float
+        f"{c['nms']:g}",
         "TEST.AUG.ENABLED",
         str(c["views"] > 1),
         "TEST.AUG.VIEWS",
