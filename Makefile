@@ -7,7 +7,6 @@
 #   make quickstart  setup, tree-crown data, train Align-DETR + MobileNetV2 on CPU, evaluate, draw
 #   make ablation    setup, data, train the quickstart twice: Align loss vs focal (DINO), print APs
 #   make quickstart-baseline  detectron2's Faster R-CNN (same backbone, data, time) as a peer
-#   make quickstart-tune  re-choose both models' test settings on the validation split trees_tune
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -42,8 +41,7 @@ QS_BASELINE_OUT := output/quickstart_baseline
 # spinning made a training iteration up to 8x slower (16 s instead of 2 s) in our runs.
 QS_ENV := OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE}
 
-.PHONY: setup deps ext test bench cuda-check gpu-check clean quickstart quickstart-baseline \
-	quickstart-tune ablation
+.PHONY: setup deps ext test bench cuda-check gpu-check clean quickstart quickstart-baseline ablation
 
 setup: ext
 
@@ -89,15 +87,6 @@ quickstart-baseline: setup
 	$(PY) tools/prepare_trees.py
 	$(QS_ENV) $(PY) tools/train_baseline.py --config-file $(QS_BASELINE_CONFIG) \
 		--budget-from $(QS_OUT) OUTPUT_DIR $(QS_BASELINE_OUT)
-
-# The post-hoc inference settings (test size, NMS threshold, test-time views) of the last
-# quickstart and peer runs, scored on the validation split trees_tune, never on trees_val; the
-# choices (OUTPUT_DIR/tune/) are then fixed in the configs by hand (see docs/quickstart.md).
-quickstart-tune: setup
-	$(QS_ENV) $(PY) tools/tune_quickstart.py --config-file $(QS_CONFIG) OUTPUT_DIR $(QS_OUT)
-	@if [ -f $(QS_BASELINE_OUT)/model_final.pth ]; then \
-		$(QS_ENV) $(PY) tools/tune_quickstart.py --config-file $(QS_BASELINE_CONFIG) \
-			OUTPUT_DIR $(QS_BASELINE_OUT); fi
 
 # Align loss (many-to-one) vs focal loss (one-to-one, DINO) on the quickstart, equal budget.
 ablation: setup

@@ -1,7 +1,6 @@
 """tools/prepare_trees.py on a small synthetic VOC folder written here: tiling, clipping,
-sliver rule, unique ids, label mapping, idempotence, the held-out-region splits (no training,
-validation and test tiles overlap; the test tiles do not depend on the validation strip); and the
-trees_* dataset registration."""
+sliver rule, unique ids, label mapping, idempotence, the held-out-region split (no training tile
+overlaps a held-out region); and the trees_* dataset registration."""
 
 import json
 import os
@@ -117,105 +116,53 @@ def _overlap(a, b):
     return min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
 
 
-def _windows(coco):
-    """{source image: [window, ...]} of a split."""
-    out = {}
-    for im in coco["images"]:
-        out.setdefault(im["source"], []).append(im["window"])
-    return out
-
-
-def test_train_tune_and_test_bands_never_overlap(voc, tmp_path):
+def test_held_out_regions_never_overlap_training_tiles(voc, tmp_path):
     out = tmp_path / "trees"
-    jsons = pt.prepare(str(voc), str(out), ["big"], ["held"], tile=200, holdout=0.3, tune=0.15)
-    train, tune, val = (load(jsons[s]) for s in ("train", "tune", "val"))
-    widths = {"big": 400, "held": 100}
-    # "big" is 400 wide: training x < 220, validation 220 <= x < 280, test x >= 280.
-    assert pt.region_of(400, "left", 0.3, 0.15) == (0, 220)
-    assert pt.region_of(400, "tune", 0.3, 0.15) == (220, 280)
-    assert pt.region_of(400, "right", 0.3, 0.15) == (280, 400)
+    jsons = pt.prepare(str(voc), str(out), ["big"], ["held"], tile=200, holdout=0.3)
+    train, val = load(jsons["train"]), load(jsons["val"])
+    # Every image contributes to both parts; "big" is 400 wide: split at x = 280.
     assert {im["source"] for im in train["images"]} == {"big", "held"}
-    assert {im["source"] for im in tune["images"]} <= {"big", "held"}
     assert {im["source"] for im in val["images"]} <= {"big", "held"}
-    splits = {"left": train, "tune": tune, "right": val}
-    for part, coco in splits.items():
-        files = {im["id"]: im for im in coco["images"]}
-        for im in coco["images"]:  # each tile inside its band, and its size is its window's
-            x0, y0, x1, y1 = im["window"]
-            lo, hi = pt.region_of(widths[im["source"]], part, 0.3, 0.15)
-            assert lo <= x0 < x1 <= hi and (im["width"], im["height"]) == (x1 - x0, y1 - y0)
-        for a in coco["annotations"]:  # every box inside its tile
-            x, y, w, h = a["bbox"]
-            im = files[a["image_id"]]
-            assert 0 <= x and 0 <= y and w > 0 and h > 0
-            assert x + w <= im["width"] and y + h <= im["height"]
-    for name, coco in (("tune", tune), ("val", val)):  # adjacent tiles: each crown scored once
-        for windows in _windows(coco).values():
-            assert not any(_overlap(a, b) for i, a in enumerate(windows) for b in windows[i + 1 :])
-    # No training tile overlaps a validation or test tile, no validation tile a test tile.
-    pairs = ((train, tune), (train, val), (tune, val))
-    for first, second in pairs:
-        other = _windows(second)
-        for im in first["images"]:
-            for window in other.get(im["source"], []):
-                assert not _overlap(im["window"], window), (im, window)
+    held_out = {}
+    for im in val["images"]:
+        held_out.setdefault(im["source"], []).append(im["window"])
+        assert (
+            im["window"][0] >= pt.region_of(400 if im["source"] == "big" else 100, "right", 0.3)[0]
+        )
+    for windows in held_out.values():  # test tiles are adjacent: each crown is scored once
+        assert not any(_overlap(a, b) for i, a in enumerate(windows) for b in windows[i + 1 :])
+    for im in train["images"]:
+        x0, y0, x1, y1 = im["window"]
+        assert (im["width"], im["height"]) == (x1 - x0, y1 - y0)
+        for window in held_out.get(im["source"], []):
+            assert not _overlap(im["window"], window), (im, window)
     big_train = [im["window"] for im in train["images"] if im["source"] == "big"]
-    assert max(w[2] for w in big_train) == 220 and min(w[0] for w in big_train) == 0
-    # Training band 0..220 in tiles (0, 0, 200, 200) and (20, 0, 220, 200): the crown at x
-    # 180..240 is a sliver in the first (1/3 visible), 2/3 visible in the second (x 160..200
-    # there) and a sliver in the validation tile (1/3); the crown at x 197..260 is a sliver in
-    # both training tiles and 40 of its 63 px are in the validation tile (x 0..40 there).
+    assert max(w[2] for w in big_train) == 280 and min(w[0] for w in big_train) == 0
+    # Left part 0..280 in tiles (0, 0, 200, 200) and (80, 0, 280, 200): the crown at x 180..240
+    # is a sliver in the first (1/3 visible) and whole in the second, at x 100..160 there.
     files = {im["id"]: im for im in train["images"]}
     second = [
         a["bbox"]
         for a in train["annotations"]
-        if files[a["image_id"]]["window"] == [20, 0, 220, 200]
+        if files[a["image_id"]]["window"] == [80, 0, 280, 200]
     ]
-    assert [160, 20, 40, 60] in second
-    assert [im["window"] for im in tune["images"] if im["source"] == "big"] == [[220, 0, 280, 200]]
-    assert [a["bbox"] for a in tune["annotations"]] == [[0, 100, 40, 40]]
-    # The images' pixels: a validation or test tile is the crop of its window.
+    assert [100, 20, 60, 60] in second
+    # The images' pixels: a held-out tile is the crop of its window.
     src = np.asarray(Image.open(voc / "big.png"))
-    for split, coco in (("tune", tune), ("val", val)):
-        for im in coco["images"]:
-            if im["source"] == "big":
-                x0, y0, x1, y1 = im["window"]
-                crop = np.asarray(Image.open(out / split / im["file_name"]))
-                assert np.array_equal(crop, src[y0:y1, x0:x1])
-        # the folder holds exactly the split's images
-        assert sorted(os.listdir(out / split)) == sorted(im["file_name"] for im in coco["images"])
+    for im in val["images"]:
+        if im["source"] == "big":
+            x0, y0, x1, y1 = im["window"]
+            crop = np.asarray(Image.open(out / "val" / im["file_name"]))
+            assert np.array_equal(crop, src[y0:y1, x0:x1])
     with pytest.raises(ValueError, match="holdout"):
         pt.prepare(str(voc), str(out), ["big"], ["held"], holdout=1.0)
-    with pytest.raises(ValueError, match="tune"):
-        pt.prepare(str(voc), str(out), ["big"], ["held"], holdout=0.3, tune=0.7)
-
-
-def test_test_split_does_not_depend_on_the_validation_strip(voc, tmp_path):
-    """trees_val keeps its tiles whatever the strip: numbers stay comparable across versions."""
-    vals = []
-    for tune in (0.1, 0.15, 0.3):
-        jsons = pt.prepare(
-            str(voc), str(tmp_path / f"t{tune}"), ["big"], ["held"], tile=200, tune=tune
-        )
-        vals.append(load(jsons["val"]))
-        # the training band ends where the validation band starts
-        train = load(jsons["train"])
-        assert max(im["window"][2] for im in train["images"] if im["source"] == "big") == round(
-            400 * (1 - 0.3 - tune)
-        )
-    assert vals[0] == vals[1] == vals[2]
-    # the same windows as the test tiles of the layout without a strip
-    # ("held" is 100 x 80: its test band is x 70..100; "big"'s one test tile holds no box)
-    held = [im["window"] for im in vals[0]["images"] if im["source"] == "held"]
-    assert held == [list(w) for w in pt.tile_windows((70, 100), 80, 200, overlap=False)]
-    assert [a["bbox"] for a in vals[0]["annotations"]] == [[0, 40, 30, 39]]
 
 
 def test_register_trees(voc, tmp_path):
     from align_detr.data.datasets import register_trees
 
     pt.prepare(str(voc), str(tmp_path / "trees"), ["big"], ["held"], tile=200)
-    names = ["trees_train", "trees_tune", "trees_val", "trees_xsite_train", "trees_xsite_val"]
+    names = ["trees_train", "trees_val", "trees_xsite_train", "trees_xsite_val"]
     saved = {}
     for name in names:  # the repo's own data may be registered already
         if name in DatasetCatalog.list():

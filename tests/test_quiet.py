@@ -103,7 +103,6 @@ def test_train_net_and_demo_print_no_third_party_warning(tmp_path):
     [
         "tools/train_baseline.py",
         "tools/quickstart_report.py",
-        "tools/tune_quickstart.py",
         "tools/check_equivalence.py",
         "tools/convert_checkpoint.py",
     ],

@@ -7,33 +7,27 @@ DeepForest authors (Weinstein et al.), shipped in the ``deepforest`` PyPI packag
 (``deepforest/data/``, VOC XML + PNG). Only those data files are read: ``deepforest`` itself is
 never imported (it needs heavy dependencies), so it is installed with ``pip install --no-deps``.
 
-Two protocols, all under ``--out`` (default ``$ALIGN_DETR_DATASETS/trees`` or
-``./datasets/trees``), one category ("tree")::
+Two protocols, each a train and a test split, all under ``--out`` (default
+``$ALIGN_DETR_DATASETS/trees`` or ``./datasets/trees``), one category ("tree")::
 
     train/, annotations/trees_train.json   tiles of the left part of every annotated image
-    tune/,  annotations/trees_tune.json    tiles of a ``--tune`` strip just left of the test part
     val/,   annotations/trees_val.json     tiles of the right ``--holdout`` part of each image
     xsite_train/, annotations/trees_xsite_train.json   tiles of the two YELL crops (whole)
     xsite_val/,   annotations/trees_xsite_val.json     OSBS_029 and SOAP_061, whole
 
-* **Held-out regions** (``trees_train`` / ``trees_tune`` / ``trees_val``), what a user does
-  with their own imagery: annotate part of it, find the rest. Each of the four images (two NEON
-  YELL crops, OSBS_029, SOAP_061) is cut in three vertical bands: training ``[0, a)``,
-  validation ``[a, b)`` and test ``[b, width)``, with ``b = (1 - holdout) * width`` and
-  ``a = (1 - holdout - tune) * width`` (rounded). Every tile lies entirely inside its band, so no
-  training pixel is ever validated or tested, and no validation pixel is tested. The validation
-  split (``trees_tune``) is cut from what was the training region: it is where the post-hoc
-  inference settings (test size, NMS threshold, test-time views) are chosen, so that the test
-  split (``trees_val``, the same tiles as before the strip existed) is looked at once.
+* **Held-out regions** (``trees_train`` / ``trees_val``), what a user does with their own
+  imagery: annotate part of it, find the rest. Each of the four images (two NEON YELL crops,
+  OSBS_029, SOAP_061) is split at ``x = (1 - holdout) * width``; training tiles lie entirely
+  left of the split, test tiles entirely right of it, so no training pixel is ever tested.
 * **Cross-site** (``trees_xsite_*``): train on the YELL site only, test on two other sites
   (Florida OSBS, California SOAP) that look nothing like it: a much harder transfer question.
 
 Tiling: tiles of at most ``--tile`` px whose origins are spread evenly so the tiles cover the
-region (neighbours overlap a little when the size is not a multiple of the tile; validation and
-test tiles are adjacent instead, so each crown is scored once). A box is
+region (neighbours overlap a little when the size is not a multiple of the tile; test tiles are
+adjacent instead, so each crown is scored once). A box is
 clipped to the tile and kept when the clipped part keeps at least ``--min-visible`` of its area
 and is at least ``--min-side`` px wide and high; otherwise it is a sliver and dropped (so a crown
-cut by a band's edge counts on the side that holds most of it, or on neither). The cross-site test
+cut by the split counts on the side that holds most of it, or on neither). The cross-site test
 images are whole, every box clipped to the image. Tiles left without a box are not written.
 Each image record carries its ``source`` image and ``window`` (x0, y0, x1, y1) in it.
 Re-running with the same options is a no-op (``--force`` rebuilds).
@@ -64,11 +58,7 @@ TRAIN_IMAGES = (
 VAL_IMAGES = ("OSBS_029", "SOAP_061")
 #: Fraction of each image's width (its right part) held out for the test split.
 HOLDOUT = 0.3
-#: Fraction of each image's width, just left of the test part, kept out of training for the
-#: validation split. 0.15 gives trees_tune about half of trees_val's boxes (enough to tell apart
-#: settings a few AP50 points apart) while training keeps 55 / 70 of its former width.
-TUNE = 0.15
-SPLITS = ("train", "tune", "val", "xsite_train", "xsite_val")
+SPLITS = ("train", "val", "xsite_train", "xsite_val")
 CATEGORIES = [{"id": 1, "name": "tree", "supercategory": "plant"}]
 ATTRIBUTION = (
     "Imagery: NEON (National Ecological Observatory Network, NSF) airborne RGB orthophotos; "
@@ -156,21 +146,11 @@ def _image_path(source: str, stem: str) -> str:
     raise FileNotFoundError(f"no image for {stem!r} in {source}")
 
 
-def region_of(width: int, part: str, holdout: float, tune: float = TUNE) -> Tuple[int, int]:
-    """The x range [x0, x1) of an image's "left" (training), "tune" (validation) or "right"
-    (test) band, or of the "whole" image.
-
-    The test band's edge depends on ``holdout`` only, so the test tiles do not change with
-    ``tune``; the validation band is taken from the training side of that edge.
-    """
+def region_of(width: int, part: str, holdout: float) -> Tuple[int, int]:
+    """The x range [x0, x1) of an image's "left" (training) or "right" (held-out) part, or of
+    the "whole" image."""
     split = int(round(width * (1.0 - holdout)))
-    tune_start = int(round(width * (1.0 - holdout - tune)))
-    return {
-        "left": (0, tune_start),
-        "tune": (tune_start, split),
-        "right": (split, width),
-        "whole": (0, width),
-    }[part]
+    return {"left": (0, split), "right": (split, width), "whole": (0, width)}[part]
 
 
 def tile_edges(size: int, tile: int) -> List[Tuple[int, int]]:
@@ -186,10 +166,8 @@ def tile_windows(
 ) -> List[Tuple[int, ...]]:
     """Tiles of at most ``tile`` px covering columns ``x_range`` of an image of ``height``:
     full-size tiles that may overlap (``overlap``, for training), or adjacent ones that do not
-    (for validation and testing: every crown is scored once)."""
+    (for testing: every crown is scored once)."""
     x0, x1 = x_range
-    if x1 <= x0:  # an empty band (a very narrow image): no tile
-        return []
     if overlap:
         xs = [(x, min(x + tile, x1 - x0)) for x in tile_origins(x1 - x0, tile)]
         ys = [(y, min(y + tile, height)) for y in tile_origins(height, tile)]
@@ -208,22 +186,14 @@ def build_split(
     min_side: float,
     part: str = "whole",
     holdout: float = HOLDOUT,
-    tune: float = TUNE,
 ) -> Dict:
     """Writes the images of one split under ``out_dir/split`` and returns its COCO dict.
 
-    With ``tile`` set, the ``part`` ("left", "tune", "right" or "whole") of each image is cut
-    into tiles (see module docstring; only training tiles overlap); with None the images are
-    copied whole (boxes clipped to the image, nothing dropped but empty boxes).
+    With ``tile`` set, the ``part`` ("left", "right" or "whole") of each image is cut into tiles
+    (see module docstring); with None the images are copied whole (boxes clipped to the image,
+    nothing dropped but empty boxes).
     """
-    folder = os.path.join(out_dir, split)
-    os.makedirs(folder, exist_ok=True)
-    # A rebuild with other options tiles differently: drop the tiles of the previous build, so
-    # the folder holds exactly the images of the json (e.g. no old training tile of the strip
-    # that is now the validation split).
-    for old in os.listdir(folder):
-        if old.endswith(".png"):
-            os.remove(os.path.join(folder, old))
+    os.makedirs(os.path.join(out_dir, split), exist_ok=True)
     images, annotations = [], []
     for stem in stems:
         width, height, objects = read_voc(os.path.join(source, stem + ".xml"))
@@ -232,10 +202,7 @@ def build_split(
             raise ValueError(f"{stem}: image is {img.size}, XML says {(width, height)}")
         if tile:
             windows = tile_windows(
-                region_of(width, part, holdout, tune),
-                height,
-                tile,
-                overlap=part in ("left", "whole"),
+                region_of(width, part, holdout), height, tile, overlap=part != "right"
             )
         else:
             windows = [(0, 0, width, height)]
@@ -250,7 +217,7 @@ def build_split(
             image_id = len(images) + 1
             name = f"{stem}_{window[0]}_{window[1]}.png" if tile else f"{stem}.png"
             crop = img.crop(window)
-            crop.save(os.path.join(folder, name))
+            crop.save(os.path.join(out_dir, split, name))
             images.append(
                 {
                     "id": image_id,
@@ -298,23 +265,19 @@ def prepare(
     min_side: float = 4.0,
     force: bool = False,
     holdout: float = HOLDOUT,
-    tune: float = TUNE,
 ) -> Dict[str, str]:
-    """Builds the five splits; returns {split name: json path}. ``train_stems`` /
+    """Builds the four splits; returns {split name: json path}. ``train_stems`` /
     ``val_stems`` are the cross-site protocol's sites; the held-out-region protocol uses all of
     them. Skips work already done with the same options (``params.json`` records them)."""
     if not 0.0 < holdout < 1.0:
         raise ValueError(f"holdout must be in (0, 1), got {holdout}")
-    if not 0.0 < tune < 1.0 - holdout:
-        raise ValueError(f"tune must be in (0, 1 - holdout) = (0, {1.0 - holdout:g}), got {tune}")
     params = {
         "source_files": sorted(train_stems) + sorted(val_stems),
         "tile": tile,
         "min_visible": min_visible,
         "min_side": min_side,
         "holdout": holdout,
-        "tune": tune,
-        "version": 3,
+        "version": 2,
     }
     ann_dir = os.path.join(out_dir, "annotations")
     jsons = {s: os.path.join(ann_dir, f"trees_{s}.json") for s in SPLITS}
@@ -328,14 +291,13 @@ def prepare(
     every = list(train_stems) + list(val_stems)
     plan = (  # split, images, tile, part of each image
         ("train", every, tile, "left"),
-        ("tune", every, tile, "tune"),
         ("val", every, tile, "right"),
         ("xsite_train", train_stems, tile, "whole"),
         ("xsite_val", val_stems, None, "whole"),
     )
     for split, stems, split_tile, part in plan:
         coco = build_split(
-            source, stems, out_dir, split, split_tile, min_visible, min_side, part, holdout, tune
+            source, stems, out_dir, split, split_tile, min_visible, min_side, part, holdout
         )
         with open(jsons[split], "w") as f:
             json.dump(coco, f)
@@ -372,13 +334,6 @@ def main(argv=None):
         default=HOLDOUT,
         help="fraction of each image's width (its right part) held out for testing",
     )
-    parser.add_argument(
-        "--tune",
-        type=float,
-        default=TUNE,
-        help="fraction of each image's width, just left of the test part, kept out of training "
-        "for the validation split (trees_tune)",
-    )
     parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
     args = parser.parse_args(argv)
     source = args.source or find_deepforest_data()
@@ -391,7 +346,6 @@ def main(argv=None):
         min_side=args.min_side,
         force=args.force,
         holdout=args.holdout,
-        tune=args.tune,
     )
     print(ATTRIBUTION)
 

@@ -6,9 +6,8 @@ Reads ``OUTPUT_DIR`` of the config (``output/quickstart``): ``model_final.pth`` 
 ``metrics.json``. Writes ``demo/<image>.png`` (predictions red with scores, ground truth green)
 for every image of ``DATASETS.TEST[0]`` (with the test-time augmentation when
 ``TEST.AUG.ENABLED``), and ``metrics.png``; prints AP, AP50, AP75 of the last evaluation (and of
-the one with test-time augmentation), the inference settings they were scored with (chosen on
-the validation split ``trees_tune`` by ``tools/tune_quickstart.py`` and fixed in the config) and
-the time since ``--start`` (a Unix time, e.g. from ``date +%s``).
+the one with test-time augmentation) and the time since ``--start`` (a Unix time, e.g. from
+``date +%s``).
 
 Example::
 
@@ -36,16 +35,6 @@ import align_detr.modeling  # noqa: E402,F401  (registers the model)
 from align_detr.config import load_config  # noqa: E402
 from align_detr.data import register_trees  # noqa: E402
 from align_detr.engine.predictor import Predictor, draw_predictions  # noqa: E402
-
-
-def settings_line(cfg) -> str:
-    """The post-hoc inference settings of the config, which the numbers above were scored with."""
-    nms = cfg.MODEL.ALIGN_DETR.TEST_NMS_THRESH
-    views = cfg.TEST.AUG.VIEWS if cfg.TEST.AUG.ENABLED else 1
-    return (
-        f"settings (chosen on trees_tune): test size {cfg.INPUT.MIN_SIZE_TEST}, "
-        f"NMS {'off' if nms == 0 else format(nms, 'g')}, {views} view{'s' * (views > 1)}"
-    )
 
 
 def main(argv=None):
@@ -98,7 +87,6 @@ def main(argv=None):
             )
     if not found:
         print("  no evaluation found in metrics.json")
-    print("  " + settings_line(cfg))
     if args.start:
         minutes, seconds = divmod(int(time.time() - args.start), 60)
         print(f"  total time {minutes} min {seconds:02d} s")

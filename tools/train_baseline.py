@@ -11,10 +11,6 @@ quickstart's test-time augmentation, ``"bbox_TTA"``, when ``TEST.AUG.ENABLED``).
 
     python tools/train_baseline.py --config-file configs/quickstart/faster_rcnn_mnv2_trees.yaml \\
         --budget-from output/quickstart
-
-``--eval-only`` scores ``OUTPUT_DIR/model_final.pth`` (or ``MODEL.WEIGHTS``) the same way
-without training, e.g. on the test split once its inference settings have been chosen on the
-validation split (``tools/tune_quickstart.py``); it writes ``OUTPUT_DIR/eval_summary.json``.
 """
 
 import argparse
@@ -30,7 +26,6 @@ from align_detr.utils.quiet import quiet_third_party_warnings  # noqa: E402
 
 quiet_third_party_warnings()  # first: some of detectron2's warnings come when it is imported
 
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.engine import DefaultTrainer, HookBase, default_setup  # noqa: E402
 from detectron2.evaluation import COCOEvaluator  # noqa: E402
 
@@ -111,27 +106,6 @@ def train(cfg, seconds: float) -> dict:
     return summary
 
 
-def evaluate(cfg) -> dict:
-    """Scores the trained model (``MODEL.WEIGHTS``, else ``OUTPUT_DIR/model_final.pth``) on
-    ``DATASETS.TEST`` as :func:`train` does after training; writes and returns the summary."""
-    weights = cfg.MODEL.WEIGHTS or os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(f"no trained model at {weights}: train first, or set MODEL.WEIGHTS")
-    model = BaselineTrainer.build_model(cfg)
-    DetectionCheckpointer(model).load(weights)
-    summary = {
-        "model": "Faster R-CNN, MobileNetV2 + FPN",
-        "weights": weights,
-        "datasets": list(cfg.DATASETS.TEST),
-        "bbox": BaselineTrainer.test(cfg, model).get("bbox", {}),
-    }
-    if cfg.TEST.AUG.ENABLED:
-        summary["bbox_TTA"] = test_with_tta(BaselineTrainer, cfg, model)["bbox_TTA"]
-    with open(os.path.join(cfg.OUTPUT_DIR, "eval_summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    return summary
-
-
 def _scores(bbox: dict) -> str:
     nan = float("nan")
     return " / ".join(f"{k} {bbox.get(k, nan):.1f}" for k in ("AP", "AP50", "AP75"))
@@ -143,21 +117,12 @@ def main(argv=None):
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--seconds", type=float, help="training budget in seconds")
     group.add_argument("--budget-from", help="OUTPUT_DIR of the quickstart run to match")
-    group.add_argument(
-        "--eval-only", action="store_true", help="score OUTPUT_DIR/model_final.pth, no training"
-    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides")
     args = parser.parse_args(argv)
+    seconds = args.seconds if args.seconds is not None else read_budget(args.budget_from)
     register_trees()
     cfg = load_config(args.config_file, args.opts)
-    default_setup(cfg, argparse.Namespace(config_file=args.config_file, eval_only=args.eval_only))
-    if args.eval_only:
-        summary = evaluate(cfg)
-        print(f"Faster R-CNN on {', '.join(summary['datasets'])}: {_scores(summary['bbox'])}")
-        if "bbox_TTA" in summary:
-            print(f"  with test-time augmentation: {_scores(summary['bbox_TTA'])}")
-        return summary
-    seconds = args.seconds if args.seconds is not None else read_budget(args.budget_from)
+    default_setup(cfg, argparse.Namespace(config_file=args.config_file, eval_only=False))
     summary = train(cfg, seconds)
     print(
         f"Faster R-CNN: {summary['iterations']} iterations in {summary['train_seconds']:.0f} s "

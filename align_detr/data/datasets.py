@@ -3,9 +3,8 @@
 ``train_net.py``, ``demo/demo.py`` and the tools call) when their files exist.
 
 The tree-crown quickstart data written by ``tools/prepare_trees.py`` under
-``$ALIGN_DETR_DATASETS/trees`` (default ``./datasets/trees``): ``trees_train`` /
-``trees_tune`` / ``trees_val`` (every image cut into a training band, a validation band where
-post-hoc inference settings are chosen, and a held-out test band) and ``trees_xsite_train`` /
+``$ALIGN_DETR_DATASETS/trees`` (default ``./datasets/trees``): ``trees_train`` / ``trees_val``
+(every image split into a training part and a held-out part) and ``trees_xsite_train`` /
 ``trees_xsite_val`` (train on one site, test on two others).
 NEON airborne imagery with crown boxes by the DeepForest authors; one class, "tree".
 """
@@ -18,7 +17,7 @@ from detectron2.data.datasets import register_coco_instances
 __all__ = ["datasets_root", "register_trees"]
 
 TREE_CLASSES = ("tree",)  # the one category of tools/prepare_trees.py
-TREE_SPLITS = ("train", "tune", "val", "xsite_train", "xsite_val")
+TREE_SPLITS = ("train", "val", "xsite_train", "xsite_val")
 
 
 def datasets_root() -> str:
